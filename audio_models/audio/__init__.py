@@ -1,0 +1,1 @@
+"""Signal-level feature extractors: openSMILE, librosa, torchaudio Kaldi filterbanks."""

@@ -1,0 +1,171 @@
+"""Structured configs behind the Hydra groups; a misspelt key fails against these dataclasses.
+
+Each ``conf/<group>/<option>.yaml`` extends a schema stored here as ``schema/<group>/<name>``.
+Importing this module registers them (the runner imports it before composing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from audio_models.registry import register_extractor
+
+# -- extractors ---------------------------------------------------------------------------
+
+
+@dataclass
+class OpenSmileConfig:
+    _target_: str = "audio_models.audio.smile.OpenSmileExtractor"
+    name: str = "egemaps"
+    feature_set: str = "eGeMAPSv02"
+    feature_level: str = "Functionals"
+    sample_rate: int | None = None
+
+
+@dataclass
+class LibrosaConfig:
+    _target_: str = "audio_models.audio.librosa_features.LibrosaExtractor"
+    name: str = "librosa"
+    mfcc: bool = True
+    chroma: bool = True
+    mel: bool = True
+    contrast: bool = True
+    tonnetz: bool = True
+    sample_rate: int | None = None
+
+
+@dataclass
+class KaldiConfig:
+    _target_: str = "audio_models.audio.kaldi.KaldiExtractor"
+    name: str = "fbank"
+    sample_rate: int = 16000
+    waveform_scale: float = 32768.0
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    low_freq: float = 20.0
+    high_freq: float = 0.0
+    preemphasis_coefficient: float = 0.97
+    window_type: str = "povey"
+    remove_dc_offset: bool = True
+    raw_energy: bool = True
+    energy_floor: float = 1.0
+    use_energy: bool = False
+    num_ceps: int | None = None
+    cepstral_lifter: float = 22.0
+
+
+register_extractor("egemaps", OpenSmileConfig)
+register_extractor("egemaps_lld", OpenSmileConfig)
+register_extractor("compare", OpenSmileConfig)
+register_extractor("librosa", LibrosaConfig)
+register_extractor("fbank", KaldiConfig)
+register_extractor("mfcc", KaldiConfig)
+
+# -- datasets -----------------------------------------------------------------------------
+
+
+@dataclass
+class DemoDatasetConfig:
+    _target_: str = "audio_models.data.datasets.DemoDataset"
+    name: str = "demo"
+    root: str | None = None
+    n_clips: int = 24
+    seed: int = 0
+
+
+@dataclass
+class FolderDatasetConfig:
+    _target_: str = "audio_models.data.datasets.FolderDataset"
+    name: str = "folder"
+    root: str = MISSING
+    pattern: list[str] = field(default_factory=lambda: ["**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3"])
+    label_regex: str | None = None
+
+
+@dataclass
+class ManifestDatasetConfig:
+    _target_: str = "audio_models.data.datasets.ManifestDataset"
+    name: str = "manifest"
+    path: str = MISSING
+    path_column: str = "path"
+    id_column: str | None = None
+    start_column: str = "start"
+    end_column: str = "end"
+    label_columns: list[str] | None = None
+
+
+# -- device and tracking ------------------------------------------------------------------
+
+
+@dataclass
+class DeviceConfig:
+    _target_: str = "audio_models.pipeline.device.DeviceSpec"
+    accelerator: str = "auto"
+    devices: Any = 1
+    precision: str = "32"
+
+
+@dataclass
+class MlflowConfig:
+    _target_: str = "audio_models.tracking.MlflowTracker"
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "audio-models"
+    artifact_location: str = "mlartifacts"
+    max_artifact_mb: float = 100.0
+
+
+@dataclass
+class TrackingOffConfig:
+    _target_: str = "audio_models.tracking.NullTracker"
+
+
+# -- the primary config -------------------------------------------------------------------
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 8
+    num_workers: int | None = None  # None: the CPU count
+    channel_policy: str = "mean"
+
+
+@dataclass
+class WriterConfig:
+    row_group_rows: int = 512
+    frames_per_shard: int = 1_000_000
+
+
+@dataclass
+class ExtractConfig:
+    extractor: Any = MISSING
+    dataset: Any = MISSING
+    device: Any = MISSING
+    tracking: Any = MISSING
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    writer: WriterConfig = field(default_factory=WriterConfig)
+    output_dir: str = MISSING
+    max_failure_ratio: float = 0.1
+    progress_bar: bool = True
+    seed: int = 0
+
+
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="extract_schema", node=ExtractConfig)
+    for group, name, node in (
+        ("dataset", "demo", DemoDatasetConfig),
+        ("dataset", "folder", FolderDatasetConfig),
+        ("dataset", "manifest", ManifestDatasetConfig),
+        ("device", "device", DeviceConfig),
+        ("tracking", "mlflow", MlflowConfig),
+        ("tracking", "off", TrackingOffConfig),
+    ):
+        store.store(group=f"schema/{group}", name=name, node=node)
+
+
+_register()

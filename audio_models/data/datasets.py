@@ -1,0 +1,262 @@
+"""Datasets: the list of items to process, their label columns and a fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from audio_models.data.demo import ensure_demo_corpus
+from audio_models.data.items import Item
+from audio_models.utils.errors import UserError
+from audio_models.utils.provenance import fingerprint_files
+
+AUDIO_PATTERNS: tuple[str, ...] = ("**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3")
+# Columns of features.parquet that a label column must not shadow.
+RESERVED_COLUMNS = frozenset(
+    {"id", "path", "start", "end", "duration_s", "sample_rate", "source_sample_rate", "n_channels"}
+)
+
+
+def default_cache_dir() -> Path:
+    """Where generated data lives: ``$AUDIO_MODELS_CACHE`` or ``~/.cache/audio_models``."""
+    return Path(os.environ.get("AUDIO_MODELS_CACHE", Path.home() / ".cache" / "audio_models"))
+
+
+class AudioDataset:
+    """Base class: a named, fingerprinted list of :class:`Item`."""
+
+    def __init__(self, *, name: str) -> None:
+        self.name = name
+        self._items: list[Item] | None = None
+
+    def _load(self) -> list[Item]:
+        raise NotImplementedError
+
+    @property
+    def items(self) -> list[Item]:
+        """The items, listed once (this is where a missing root or bad manifest is reported)."""
+        if self._items is None:
+            items = self._load()
+            if not items:
+                raise UserError(f"dataset {self.name!r} has no audio items ({self.describe()})")
+            ids = [item.id for item in items]
+            if len(set(ids)) != len(ids):
+                dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+                raise UserError(f"dataset {self.name!r} has duplicate item ids, e.g. {dupes}")
+            self._items = items
+        return self._items
+
+    @property
+    def label_columns(self) -> list[str]:
+        """Label column names in first-seen order."""
+        seen: dict[str, None] = {}
+        for item in self.items:
+            seen.update(dict.fromkeys(item.labels))
+        return list(seen)
+
+    def describe(self) -> str:
+        return self.name
+
+    def fingerprint(self) -> str:
+        """Hash of the items' files (relative paths, sizes, mtimes) and segment bounds."""
+        paths = sorted({Path(item.path) for item in self.items})
+        root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+        files = fingerprint_files(paths, root=root)
+        segments = json.dumps([(i.id, i.start, i.end) for i in self.items]).encode()
+        return hashlib.sha256(files.encode() + segments).hexdigest()[:16]
+
+
+def _check_labels(labels: dict[str, Any], where: str) -> dict[str, Any]:
+    clash = RESERVED_COLUMNS & set(labels)
+    if clash:
+        raise UserError(f"{where}: label columns {sorted(clash)} clash with output columns")
+    return labels
+
+
+class FolderDataset(AudioDataset):
+    """Every audio file under ``root`` that matches one of ``pattern`` (recursive globs).
+
+    Args:
+        name: dataset name (a tag on the run).
+        root: the folder.
+        pattern: glob patterns relative to ``root``; ``**`` recurses.
+        label_regex: optional regex searched in each relative path; its named groups become
+            label columns (a path that does not match gets empty labels).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "folder",
+        root: str,
+        pattern: Sequence[str] = AUDIO_PATTERNS,
+        label_regex: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.root = Path(root).expanduser()
+        self.pattern = list(pattern)
+        try:
+            self.label_regex = re.compile(label_regex) if label_regex else None
+        except re.error as exc:
+            raise UserError(f"dataset.label_regex is not a valid regex: {exc}") from None
+        if self.label_regex is not None and not self.label_regex.groupindex:
+            raise UserError("dataset.label_regex needs named groups, e.g. (?P<speaker>\\d+)")
+
+    def describe(self) -> str:
+        return f"root={self.root}, pattern={self.pattern}"
+
+    def _load(self) -> list[Item]:
+        if not self.root.is_dir():
+            raise UserError(f"dataset root {str(self.root)!r} does not exist or is not a folder")
+        found: set[Path] = set()
+        for pattern in self.pattern:
+            found.update(p for p in self.root.glob(pattern) if p.is_file())
+        items = []
+        for path in sorted(found):
+            rel = path.relative_to(self.root).as_posix()
+            labels: dict[str, Any] = {}
+            if self.label_regex is not None:
+                names = list(self.label_regex.groupindex)
+                match = self.label_regex.search(rel)
+                labels = {k: (match.group(k) if match else None) for k in names}
+            items.append(Item(id=rel, path=str(path.resolve()), labels=_check_labels(labels, rel)))
+        return items
+
+
+class ManifestDataset(AudioDataset):
+    """Items listed in a CSV, TSV or JSONL file.
+
+    Args:
+        name: dataset name.
+        path: the manifest; relative audio paths resolve against its folder.
+        path_column: column holding the audio path.
+        id_column: column holding item ids; default: the path, plus ``@start-end`` for segments.
+        start_column, end_column: optional segment bounds in seconds (empty: whole file).
+        label_columns: columns to carry into the outputs; default: every other column.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "manifest",
+        path: str,
+        path_column: str = "path",
+        id_column: str | None = None,
+        start_column: str = "start",
+        end_column: str = "end",
+        label_columns: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.path = Path(path).expanduser()
+        self.path_column = path_column
+        self.id_column = id_column
+        self.start_column = start_column
+        self.end_column = end_column
+        self.wanted_labels = list(label_columns) if label_columns is not None else None
+
+    def describe(self) -> str:
+        return f"manifest={self.path}"
+
+    def _read(self) -> pd.DataFrame:
+        if not self.path.is_file():
+            raise UserError(f"manifest {str(self.path)!r} does not exist")
+        suffix = self.path.suffix.lower()
+        try:
+            if suffix in {".jsonl", ".ndjson"}:
+                return pd.read_json(self.path, lines=True, dtype=False)
+            sep = "\t" if suffix in {".tsv", ".tab"} else ","
+            return pd.read_csv(self.path, sep=sep, keep_default_na=True)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise UserError(f"cannot parse manifest {str(self.path)!r}: {exc}") from None
+
+    def _load(self) -> list[Item]:
+        frame = self._read()
+        if self.path_column not in frame.columns:
+            raise UserError(
+                f"manifest {str(self.path)!r} has no path column {self.path_column!r}; "
+                f"its columns are {list(frame.columns)} (set dataset.path_column)"
+            )
+        if self.id_column is not None and self.id_column not in frame.columns:
+            raise UserError(f"manifest has no id column {self.id_column!r}")
+        structural = {self.path_column, self.id_column, self.start_column, self.end_column}
+        if self.wanted_labels is not None:
+            missing = [c for c in self.wanted_labels if c not in frame.columns]
+            if missing:
+                raise UserError(f"manifest lacks label columns {missing}")
+            label_cols = self.wanted_labels
+        else:
+            label_cols = [c for c in frame.columns if c not in structural]
+        base = self.path.parent
+        items = []
+        for row in frame.to_dict(orient="records"):
+            raw = row[self.path_column]
+            if not isinstance(raw, str) or not raw:
+                raise UserError(f"manifest row with an empty path: {row}")
+            audio = Path(raw).expanduser()
+            audio = audio if audio.is_absolute() else base / audio
+            start = _seconds(row.get(self.start_column))
+            end = _seconds(row.get(self.end_column))
+            if self.id_column is not None:
+                item_id = str(row[self.id_column])
+            elif start is None and end is None:
+                item_id = raw
+            else:
+                item_id = f"{raw}@{start or 0.0:g}-{'' if end is None else f'{end:g}'}"
+            labels = {c: _plain(row.get(c)) for c in label_cols}
+            items.append(
+                Item(
+                    id=item_id,
+                    path=str(audio.resolve()),
+                    start=start,
+                    end=end,
+                    labels=_check_labels(labels, str(self.path)),
+                )
+            )
+        return items
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        return None
+    return float(value)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and NaN → plain Python values (Parquet-friendly, JSON-friendly)."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and pd.isna(value):
+        return None
+    return value
+
+
+class DemoDataset(ManifestDataset):
+    """The bundled synthetic corpus (see :mod:`audio_models.data.demo`), generated on first use.
+
+    Args:
+        name: dataset name.
+        root: where to write it; default ``<cache>/demo``.
+        n_clips: number of clips.
+        seed: generator seed.
+    """
+
+    def __init__(
+        self, *, name: str = "demo", root: str | None = None, n_clips: int = 24, seed: int = 0
+    ) -> None:
+        self.root = Path(root).expanduser() if root else default_cache_dir() / "demo"
+        self.n_clips = n_clips
+        self.seed = seed
+        super().__init__(name=name, path=str(self.root / "labels.csv"))
+
+    def _load(self) -> list[Item]:
+        ensure_demo_corpus(self.root, n_clips=self.n_clips, seed=self.seed)
+        return super()._load()

@@ -1,0 +1,87 @@
+"""The extractor contract every feature extractor implements.
+
+An extractor says which sample rate it wants and what it emits. CPU work per item goes in
+:meth:`Extractor.transform` (runs in DataLoader worker processes); batched torch work goes in
+:meth:`Extractor.forward` (runs in ``predict_step`` on the device). An extractor never opens
+files, never talks to MLflow and never picks batch sizes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+
+class OutputKind(StrEnum):
+    """What an extractor emits per item."""
+
+    VECTOR = "vector"  # one fixed-size vector
+    FRAMES = "frames"  # an (n_frames, dim) matrix with a fixed frame shift
+
+
+class Extractor:
+    """Base class of all extractors.
+
+    Subclasses set :attr:`kind`, override :meth:`transform` and/or :meth:`forward`, and report
+    :attr:`feature_names` where the columns have names.
+    """
+
+    kind: ClassVar[OutputKind] = OutputKind.VECTOR
+    #: Whether :meth:`transform` does the work (CPU, per item, in loader workers).
+    uses_transform: ClassVar[bool] = False
+    #: Whether :meth:`forward` does the work (batched, on the device).
+    uses_forward: ClassVar[bool] = False
+
+    def __init__(self, *, name: str, sample_rate: int | None = None) -> None:
+        self.name = name
+        self._sample_rate = sample_rate
+
+    @property
+    def sample_rate(self) -> int | None:
+        """Rate the extractor wants its input at; ``None`` keeps each file's own rate."""
+        return self._sample_rate
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input (in samples at :attr:`sample_rate`) the extractor can process."""
+        return 1
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """Column names of the output, or ``None`` for an unnamed vector."""
+        return None
+
+    @property
+    def frame_shift_s(self) -> float | None:
+        """Seconds between frames, for :attr:`OutputKind.FRAMES` extractors."""
+        return None
+
+    def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Compute features of one mono float32 signal on the CPU.
+
+        Returns a 1-D vector (``VECTOR``) or a 2-D ``(n_frames, dim)`` matrix (``FRAMES``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no per-item transform")
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Compute features of a zero-padded ``(batch, samples)`` batch on its device.
+
+        Args:
+            waveforms: float32 signals, zero-padded at the end.
+            lengths: number of valid samples of each row.
+
+        Returns:
+            One tensor per row: a vector or an ``(n_frames, dim)`` matrix.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no batched forward")
+
+    def torch_module(self) -> torch.nn.Module | None:
+        """The module whose parameters/buffers must live on the device, if any."""
+        return None
+
+    def provenance(self) -> dict[str, str]:
+        """What decides the numbers beyond the config: model ids, revisions, hashes."""
+        return {}

@@ -1,0 +1,1 @@
+"""The Lightning side: device spec, predict module, Parquet writer, progress bar."""

@@ -1,0 +1,1 @@
+"""Learned speech models (embeddings, transcription, emotion recognition)."""

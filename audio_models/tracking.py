@@ -1,0 +1,138 @@
+"""The one place that talks to MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from audio_models.utils.provenance import sha256_file
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": "1"}``; lists are kept as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            flat[name] = text[:_MAX_PARAM_LEN]
+    return flat
+
+
+class NullTracker:
+    """``tracking=off``: logs nothing."""
+
+    run_id: str | None = None
+
+    def start(self, *, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        """Open a run (no-op)."""
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Record metrics (no-op)."""
+
+    def log_artifacts(self, files: list[Path], *, base: Path) -> None:
+        """Attach files (no-op)."""
+
+    def log_text(self, text: str, name: str) -> None:
+        """Attach a text file (no-op)."""
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run (no-op)."""
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run per extraction.
+
+    Args:
+        uri: tracking URI; the default SQLite file lives where the command runs.
+        experiment: experiment name (created on first use).
+        artifact_location: where a new experiment stores artifacts.
+        max_artifact_mb: output files larger than this are recorded by path and SHA-256
+            (in ``outputs.json``) instead of being copied into the artifact store.
+    """
+
+    def __init__(
+        self,
+        *,
+        uri: str = "sqlite:///mlflow.db",
+        experiment: str = "audio-models",
+        artifact_location: str = "mlartifacts",
+        max_artifact_mb: float = 100.0,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.max_artifact_mb = max_artifact_mb
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = None
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = Path(self.artifact_location).expanduser().resolve().as_uri()
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=location)
+        except Exception:
+            # Another job of a parallel sweep may have created it a moment ago.
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start(self, *, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        run = self.client.create_run(
+            self._experiment_id(), run_name=run_name, tags={k: str(v) for k, v in tags.items()}
+        )
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+        self.client.log_batch(self.run_id, tags=[RunTag("mlflow.runName", run_name)])
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        )
+
+    def log_artifacts(self, files: list[Path], *, base: Path) -> None:
+        manifest = []
+        for path in files:
+            rel = path.relative_to(base)
+            size = path.stat().st_size
+            entry = {"path": str(path.resolve()), "relative": rel.as_posix(), "bytes": size}
+            if size <= self.max_artifact_mb * 1e6:
+                parent = rel.parent.as_posix()
+                self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+                entry["logged"] = True
+            else:
+                entry["sha256"] = sha256_file(path)
+                entry["logged"] = False
+            manifest.append(entry)
+        self.client.log_dict(self.run_id, {"outputs": manifest}, "outputs.json")
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,199 @@
+"""``python -m runners.extract``: features for a dataset, to Parquet, logged in MLflow.
+
+Examples:
+    python -m runners.extract                                  # egemaps on the demo corpus
+    python -m runners.extract extractor=compare dataset=folder dataset.root=/data/corpus
+    python -m runners.extract extractor=fbank device=cuda
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import audio_models.config  # noqa: F401  (registers the structured configs)
+from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
+from audio_models.data.datasets import AudioDataset
+from audio_models.data.loader import ExtractionDataModule
+from audio_models.extractor import Extractor
+from audio_models.pipeline.device import DeviceSpec
+from audio_models.pipeline.module import ExtractionModule
+from audio_models.pipeline.progress import ThroughputProgressBar
+from audio_models.pipeline.writer import ParquetFeatureWriter
+from audio_models.tracking import NullTracker, flatten
+from audio_models.utils.errors import UserError
+from audio_models.utils.provenance import git_state, package_versions
+
+log = logging.getLogger("runners.extract")
+
+
+@dataclass
+class ExtractionResult:
+    """What one extraction produced."""
+
+    output_dir: Path
+    files: list[Path]
+    metrics: dict[str, float]
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failure_ratio(self) -> float:
+        n = self.metrics["n_items"]
+        return self.metrics["n_failed"] / n if n else 0.0
+
+
+def _build(cfg: DictConfig, key: str) -> Any:
+    """Instantiate one group, turning constructor errors into one clear line."""
+    try:
+        return instantiate(cfg[key], _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"{key}: {cause}") from None
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _peak_rss_mb() -> tuple[float, float]:
+    # ru_maxrss is in KiB on Linux; CHILDREN is the largest reaped child (a loader worker).
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, children
+
+
+def extract(cfg: DictConfig) -> ExtractionResult:
+    """Run one extraction as configured; see ``conf/extract.yaml``.
+
+    Raises:
+        UserError: for configuration or dataset problems, before any work starts.
+    """
+    if cfg.loader.channel_policy not in CHANNEL_POLICIES:
+        raise UserError(f"loader.channel_policy must be one of {CHANNEL_POLICIES}")
+    L.seed_everything(cfg.seed, verbose=False)
+    extractor: Extractor = _build(cfg, "extractor")
+    dataset: AudioDataset = _build(cfg, "dataset")
+    device: DeviceSpec = _build(cfg, "device")
+    tracker: NullTracker = _build(cfg, "tracking")
+    items = dataset.items
+    fingerprint = dataset.fingerprint()
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    writer = ParquetFeatureWriter(
+        output_dir,
+        kind=extractor.kind,
+        feature_names=extractor.feature_names,
+        frame_shift_s=extractor.frame_shift_s,
+        items=items,
+        label_columns=dataset.label_columns,
+        row_group_rows=cfg.writer.row_group_rows,
+        frames_per_shard=cfg.writer.frames_per_shard,
+    )
+    callbacks: list[L.Callback] = [writer]
+    if cfg.progress_bar:
+        callbacks.append(ThroughputProgressBar())
+    trainer = L.Trainer(
+        **device.trainer_kwargs(),
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.progress_bar,
+        default_root_dir=str(output_dir),
+    )
+    datamodule = ExtractionDataModule(
+        items=items,
+        extractor=extractor,
+        batch_size=cfg.loader.batch_size,
+        num_workers=cfg.loader.num_workers,
+        channel_policy=cfg.loader.channel_policy,
+        pin_memory=device.resolved_accelerator == "cuda",
+    )
+
+    commit, dirty = git_state()
+    tags = {
+        "extractor": extractor.name,
+        "dataset": dataset.name,
+        "dataset_fingerprint": fingerprint,
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "accelerator": device.resolved_accelerator,
+        "resampler": RESAMPLER,
+        **{f"version.{k}": v for k, v in package_versions().items()},
+        **{f"provenance.{k}": v for k, v in extractor.provenance().items()},
+    }
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    params = flatten(resolved)
+    params["n_items_planned"] = str(len(items))
+    tracker.start(run_name=f"{extractor.name}-{dataset.name}", params=params, tags=tags)
+
+    started = time.perf_counter()
+    try:
+        trainer.predict(ExtractionModule(extractor), datamodule=datamodule, return_predictions=False)
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    wall = time.perf_counter() - started
+    own_rss, worker_rss = _peak_rss_mb()
+    metrics = {
+        "n_items": float(writer.n_items),
+        "n_failed": float(writer.n_failed),
+        "audio_seconds": writer.audio_seconds,
+        "wall_s": wall,
+        "audio_s_per_s": writer.audio_seconds / wall if wall > 0 else 0.0,
+        "peak_rss_mb": own_rss,
+        "peak_rss_worker_mb": worker_rss,
+    }
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
+    files = writer.output_files()
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts([*files, output_dir / "config.yaml", output_dir / "overrides.yaml"], base=output_dir)
+    tracker.end("FINISHED")
+    log.info(
+        "%d items (%d failed), %.1f s of audio in %.1f s (%.1f audio s/s) → %s",
+        writer.n_items,
+        writer.n_failed,
+        writer.audio_seconds,
+        wall,
+        metrics["audio_s_per_s"],
+        output_dir,
+    )
+    return ExtractionResult(output_dir=output_dir, files=files, metrics=metrics, run_id=tracker.run_id, tags=tags)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = extract(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if result.failure_ratio > cfg.max_failure_ratio:
+        print(
+            f"error: {int(result.metrics['n_failed'])} of {int(result.metrics['n_items'])} items failed "
+            f"({result.failure_ratio:.0%} > max_failure_ratio={cfg.max_failure_ratio}); "
+            f"see {result.output_dir / 'failures.parquet'}",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

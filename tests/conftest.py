@@ -1,0 +1,57 @@
+"""Shared fixtures: composed configs that force CPU, tiny batches and a temporary tracking store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import audio_models.config  # noqa: F401  (registers the structured configs)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+SHARED = REPO.parent / "shared"
+SPEECH = SHARED / "data" / "speech"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Generated data goes to a temporary cache, never the user's home.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUDIO_MODELS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def speech_dir() -> Path:
+    """``../shared/data/speech`` (real recordings); skips where it is absent."""
+    if not SPEECH.is_dir():
+        pytest.skip("../shared/data/speech is absent (a fresh clone has no shared data)")
+    return SPEECH
+
+
+def compose_extract(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="extract", overrides=overrides)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/extract.yaml`` with test defaults (CPU, no workers, tracking off)."""
+
+    def make(*overrides: str, out: str = "out") -> DictConfig:
+        base = [
+            "device=cpu",
+            "tracking=off",
+            "loader.num_workers=0",
+            "loader.batch_size=4",
+            "progress_bar=false",
+            f"output_dir={tmp_path / out}",
+        ]
+        return compose_extract(base + list(overrides))
+
+    return make

@@ -1,0 +1,94 @@
+"""Every config option composes and instantiates; mistakes fail with Hydra's clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from audio_models.audio.kaldi import KaldiExtractor
+from audio_models.audio.librosa_features import LibrosaExtractor
+from audio_models.audio.smile import OpenSmileExtractor
+from audio_models.config import OpenSmileConfig
+from audio_models.data.datasets import DemoDataset, FolderDataset, ManifestDataset
+from audio_models.extractor import OutputKind
+from audio_models.pipeline.device import DeviceSpec
+from audio_models.registry import register_extractor, registered_extractors
+from audio_models.tracking import MlflowTracker, NullTracker
+from tests.conftest import CONF_DIR, compose_extract
+
+EXTRACTORS = {
+    "egemaps": (OpenSmileExtractor, OutputKind.VECTOR, 88),
+    "egemaps_lld": (OpenSmileExtractor, OutputKind.FRAMES, 25),
+    "compare": (OpenSmileExtractor, OutputKind.VECTOR, 6373),
+    "librosa": (LibrosaExtractor, OutputKind.VECTOR, 193),
+    "fbank": (KaldiExtractor, OutputKind.FRAMES, 80),
+    "mfcc": (KaldiExtractor, OutputKind.FRAMES, 13),
+}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_extractor_option_is_tested() -> None:
+    assert set(_options("extractor")) == set(EXTRACTORS)
+    assert set(registered_extractors()) == set(EXTRACTORS)
+
+
+@pytest.mark.parametrize("name", sorted(EXTRACTORS))
+def test_extractor_options_instantiate(name: str) -> None:
+    cfg = compose_extract([f"extractor={name}", "output_dir=unused"])
+    extractor = instantiate(cfg.extractor)
+    cls, kind, width = EXTRACTORS[name]
+    assert isinstance(extractor, cls)
+    assert extractor.name == name
+    assert extractor.kind == kind
+    assert len(extractor.feature_names) == width
+
+
+def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
+    expected = {
+        ("dataset", "demo"): DemoDataset,
+        ("dataset", "folder"): FolderDataset,
+        ("dataset", "manifest"): ManifestDataset,
+        ("device", "auto"): DeviceSpec,
+        ("device", "cpu"): DeviceSpec,
+        ("device", "cuda"): DeviceSpec,
+        ("tracking", "mlflow"): MlflowTracker,
+        ("tracking", "off"): NullTracker,
+    }
+    found = {(g, o) for g in ("dataset", "device", "tracking") for o in _options(g)}
+    assert found == set(expected)
+    extra = {"folder": [f"dataset.root={tmp_path}"], "manifest": [f"dataset.path={tmp_path}/m.csv"]}
+    for (group, option), cls in expected.items():
+        overrides = [f"{group}={option}", "output_dir=unused", *extra.get(option, [])]
+        overrides.append(f"tracking.uri=sqlite:///{tmp_path}/t.db" if option == "mlflow" else "")
+        cfg = compose_extract([o for o in overrides if o])
+        obj = instantiate(cfg[group], _convert_="all")
+        assert type(obj) is cls, (group, option)
+    assert instantiate(compose_extract(["device=cuda", "output_dir=x"]).device).accelerator == "cuda"
+
+
+def test_misspelt_key_fails_against_the_schema() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_extract(["extractor.feature_sett=eGeMAPSv02", "output_dir=x"])
+    assert "Key 'feature_sett' not in 'OpenSmileConfig'" in str(info.value.__cause__)
+    with pytest.raises(ConfigCompositionException):
+        compose_extract(["loader.batchsize=3", "output_dir=x"])
+
+
+def test_unknown_option_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_extract(["extractor=egemap", "output_dir=x"])
+    message = str(info.value)
+    assert "Available options in 'extractor'" in message
+    for name in EXTRACTORS:
+        assert name in message
+
+
+def test_registering_a_name_twice_is_an_error() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_extractor("egemaps", OpenSmileConfig)

@@ -83,7 +83,9 @@ class FolderDatasetConfig:
     _target_: str = "audio_models.data.datasets.FolderDataset"
     name: str = "folder"
     root: str = MISSING
-    pattern: list[str] = field(default_factory=lambda: ["**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3"])
+    pattern: list[str] = field(
+        default_factory=lambda: ["**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3"]
+    )
     label_regex: str | None = None
 
 

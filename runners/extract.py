@@ -145,7 +145,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
 
     started = time.perf_counter()
     try:
-        trainer.predict(ExtractionModule(extractor), datamodule=datamodule, return_predictions=False)
+        trainer.predict(
+            ExtractionModule(extractor), datamodule=datamodule, return_predictions=False
+        )
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -164,7 +166,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
     files = writer.output_files()
     tracker.log_metrics(metrics)
-    tracker.log_artifacts([*files, output_dir / "config.yaml", output_dir / "overrides.yaml"], base=output_dir)
+    tracker.log_artifacts(
+        [*files, output_dir / "config.yaml", output_dir / "overrides.yaml"], base=output_dir
+    )
     tracker.end("FINISHED")
     log.info(
         "%d items (%d failed), %.1f s of audio in %.1f s (%.1f audio s/s) → %s",
@@ -175,7 +179,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         metrics["audio_s_per_s"],
         output_dir,
     )
-    return ExtractionResult(output_dir=output_dir, files=files, metrics=metrics, run_id=tracker.run_id, tags=tags)
+    return ExtractionResult(
+        output_dir=output_dir, files=files, metrics=metrics, run_id=tracker.run_id, tags=tags
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
@@ -186,8 +192,9 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     if result.failure_ratio > cfg.max_failure_ratio:
+        n_failed, n_items = int(result.metrics["n_failed"]), int(result.metrics["n_items"])
         print(
-            f"error: {int(result.metrics['n_failed'])} of {int(result.metrics['n_items'])} items failed "
+            f"error: {n_failed} of {n_items} items failed "
             f"({result.failure_ratio:.0%} > max_failure_ratio={cfg.max_failure_ratio}); "
             f"see {result.output_dir / 'failures.parquet'}",
             file=sys.stderr,

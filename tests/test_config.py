@@ -69,7 +69,9 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         cfg = compose_extract([o for o in overrides if o])
         obj = instantiate(cfg[group], _convert_="all")
         assert type(obj) is cls, (group, option)
-    assert instantiate(compose_extract(["device=cuda", "output_dir=x"]).device).accelerator == "cuda"
+    assert (
+        instantiate(compose_extract(["device=cuda", "output_dir=x"]).device).accelerator == "cuda"
+    )
 
 
 def test_misspelt_key_fails_against_the_schema() -> None:

@@ -33,7 +33,9 @@ def _upstream_extract_feature(file_name: str) -> np.ndarray:
         result = np.hstack((result, mel))
         contrast = np.mean(librosa.feature.spectral_contrast(S=stft, sr=sample_rate).T, axis=0)
         result = np.hstack((result, contrast))
-        tonnetz = np.mean(librosa.feature.tonnetz(y=librosa.effects.harmonic(X), sr=sample_rate).T, axis=0)
+        tonnetz = np.mean(
+            librosa.feature.tonnetz(y=librosa.effects.harmonic(X), sr=sample_rate).T, axis=0
+        )
         result = np.hstack((result, tonnetz))
     return result
 
@@ -56,7 +58,9 @@ def _speech_files(speech_dir: Path) -> list[str]:
         ("egemaps_lld", "eGeMAPSv02", "LowLevelDescriptors"),
     ],
 )
-def test_opensmile_equals_process_file(make_cfg, speech_dir: Path, name: str, feature_set: str, level: str) -> None:
+def test_opensmile_equals_process_file(
+    make_cfg, speech_dir: Path, name: str, feature_set: str, level: str
+) -> None:
     files = _speech_files(speech_dir)
     cfg = make_cfg(
         f"extractor={name}",
@@ -80,21 +84,35 @@ def test_opensmile_equals_process_file(make_cfg, speech_dir: Path, name: str, fe
             shard = pd.read_parquet(result.output_dir / row["shard"])
             frames = shard.iloc[row["offset"] : row["offset"] + row["n_frames"]]
             assert (frames["id"] == rel).all()
-            np.testing.assert_array_equal(frames[smile.feature_names].to_numpy(), reference.to_numpy())
+            np.testing.assert_array_equal(
+                frames[smile.feature_names].to_numpy(), reference.to_numpy()
+            )
             assert row["frame_shift_s"] == pytest.approx(0.01)
 
 
 def test_librosa_equals_upstream_extract_feature(make_cfg, speech_dir: Path) -> None:
     files = _speech_files(speech_dir)[1:4]  # 16 kHz and 22.05 kHz files
     cfg = make_cfg(
-        "extractor=librosa", "dataset=folder", f"dataset.root={speech_dir}", f"dataset.pattern=[{','.join(files)}]"
+        "extractor=librosa",
+        "dataset=folder",
+        f"dataset.root={speech_dir}",
+        f"dataset.pattern=[{','.join(files)}]",
     )
     result = extract(cfg)
     table = pd.read_parquet(result.output_dir / "features.parquet").set_index("id")
-    names = [c for c in table.columns if c.split("_")[0] in {"mfcc", "chroma", "mel", "contrast", "tonnetz"}]
+    names = [
+        c
+        for c in table.columns
+        if c.split("_")[0] in {"mfcc", "chroma", "mel", "contrast", "tonnetz"}
+    ]
     assert len(names) == 193
     for rel in files:
-        np.testing.assert_allclose(table.loc[rel, names].to_numpy(float), _upstream_extract_feature(str(speech_dir / rel)), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            table.loc[rel, names].to_numpy(float),
+            _upstream_extract_feature(str(speech_dir / rel)),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 def _kaldi_reference(path: Path, **options: float) -> torch.Tensor:
@@ -103,15 +121,24 @@ def _kaldi_reference(path: Path, **options: float) -> torch.Tensor:
     return kaldi.fbank(waveform * 32768.0, sample_frequency=16000, **options)
 
 
-@pytest.mark.parametrize("rel", ["emodb-subset/wav/03a02Nc.wav", "opensmile-test/test.wav", "harvard/spk1_snt2.wav"])
+@pytest.mark.parametrize(
+    "rel", ["emodb-subset/wav/03a02Nc.wav", "opensmile-test/test.wav", "harvard/spk1_snt2.wav"]
+)
 def test_fbank_resamples_shared_files_like_torchaudio(make_cfg, speech_dir: Path, rel: str) -> None:
     """22.05 kHz and 44.1 kHz recordings reach the torch extractor correctly resampled."""
-    cfg = make_cfg("extractor=fbank", "dataset=folder", f"dataset.root={speech_dir}", f"dataset.pattern=[{rel}]")
+    cfg = make_cfg(
+        "extractor=fbank",
+        "dataset=folder",
+        f"dataset.root={speech_dir}",
+        f"dataset.pattern=[{rel}]",
+    )
     result = extract(cfg)
     row = pd.read_parquet(result.output_dir / "features.parquet").iloc[0]
     assert row["sample_rate"] == 16000
     assert row["source_sample_rate"] == soundfile.info(str(speech_dir / rel)).samplerate
-    frames = pd.read_parquet(result.output_dir / row["shard"]).iloc[row["offset"] : row["offset"] + row["n_frames"]]
+    frames = pd.read_parquet(result.output_dir / row["shard"]).iloc[
+        row["offset"] : row["offset"] + row["n_frames"]
+    ]
     reference = _kaldi_reference(speech_dir / rel, num_mel_bins=80)
     ours = frames[[f"fbank_{i}" for i in range(80)]].to_numpy()
     assert ours.shape == tuple(reference.shape)
@@ -122,9 +149,17 @@ def test_fbank_resamples_shared_files_like_torchaudio(make_cfg, speech_dir: Path
     ("options", "reference"),
     [
         ({"num_mel_bins": 80}, lambda w: kaldi.fbank(w, num_mel_bins=80)),
-        ({"num_mel_bins": 40, "use_energy": True, "window_type": "hamming"}, lambda w: kaldi.fbank(w, num_mel_bins=40, use_energy=True, window_type="hamming")),
+        (
+            {"num_mel_bins": 40, "use_energy": True, "window_type": "hamming"},
+            lambda w: kaldi.fbank(w, num_mel_bins=40, use_energy=True, window_type="hamming"),
+        ),
         ({"num_ceps": 13}, lambda w: kaldi.mfcc(w)),
-        ({"num_ceps": 20, "num_mel_bins": 40, "use_energy": True, "raw_energy": False}, lambda w: kaldi.mfcc(w, num_ceps=20, num_mel_bins=40, use_energy=True, raw_energy=False)),
+        (
+            {"num_ceps": 20, "num_mel_bins": 40, "use_energy": True, "raw_energy": False},
+            lambda w: kaldi.mfcc(
+                w, num_ceps=20, num_mel_bins=40, use_energy=True, raw_energy=False
+            ),
+        ),
     ],
 )
 def test_batched_kaldi_equals_torchaudio_per_item(options: dict, reference) -> None:

@@ -17,7 +17,15 @@ def _tone(freq: float, sr: int, seconds: float, amp: float = 0.5) -> np.ndarray:
     return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-@pytest.mark.parametrize(("fmt", "subtype", "atol"), [("WAV", "PCM_16", 1e-4), ("FLAC", "PCM_16", 1e-4), ("OGG", "VORBIS", 0.05), ("MP3", "MPEG_LAYER_III", 0.1)])
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "atol"),
+    [
+        ("WAV", "PCM_16", 1e-4),
+        ("FLAC", "PCM_16", 1e-4),
+        ("OGG", "VORBIS", 0.05),
+        ("MP3", "MPEG_LAYER_III", 0.1),
+    ],
+)
 def test_formats_decode(tmp_path: Path, fmt: str, subtype: str, atol: float) -> None:
     signal = _tone(440.0, 16000, 1.0)
     path = tmp_path / f"tone.{fmt.lower()}"

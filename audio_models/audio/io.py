@@ -62,7 +62,9 @@ def decode(
             segment outside the file.
     """
     if channel_policy not in CHANNEL_POLICIES:
-        raise ValueError(f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}")
+        raise ValueError(
+            f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}"
+        )
     try:
         info = sf.info(path)
     except Exception as exc:  # libsndfile reports corrupt and non-audio files alike
@@ -79,7 +81,8 @@ def decode(
     if begin_s >= file_duration or stop_s > file_duration + 1.0 / sr:
         raise ExtractionError(
             "segment",
-            f"segment [{begin_s:.3f}, {stop_s:.3f}) s lies past the file's end ({file_duration:.3f} s)",
+            f"segment [{begin_s:.3f}, {stop_s:.3f}) s lies past the file's end "
+            f"({file_duration:.3f} s)",
         )
     first = round(begin_s * sr)
     last = min(total, round(stop_s * sr))

@@ -93,7 +93,14 @@ class KaldiFeatures(torch.nn.Module):
         self.num_ceps = num_ceps
         self.register_buffer("window", _window(window_type, self.window_size), persistent=False)
         banks, _ = get_mel_banks(
-            num_mel_bins, self.padded_size, float(sample_rate), low_freq, high_freq, 100.0, -500.0, 1.0
+            num_mel_bins,
+            self.padded_size,
+            float(sample_rate),
+            low_freq,
+            high_freq,
+            100.0,
+            -500.0,
+            1.0,
         )
         # Kaldi's banks cover padded_size/2 bins; the rfft has one more (Nyquist), weighted 0.
         banks = torch.nn.functional.pad(banks, (0, 1))
@@ -101,7 +108,9 @@ class KaldiFeatures(torch.nn.Module):
         if num_ceps is not None:
             dct = create_dct(num_mel_bins, num_mel_bins, "ortho")
             dct[:, 0] = math.sqrt(1.0 / num_mel_bins)  # Kaldi's C0 scaling
-            lifter = 1.0 + 0.5 * cepstral_lifter * torch.sin(math.pi * torch.arange(num_ceps) / cepstral_lifter)
+            lifter = 1.0 + 0.5 * cepstral_lifter * torch.sin(
+                math.pi * torch.arange(num_ceps) / cepstral_lifter
+            )
             if cepstral_lifter == 0.0:
                 lifter = torch.ones(num_ceps)
             self.register_buffer("dct", dct[:, :num_ceps] * lifter, persistent=False)

@@ -46,7 +46,13 @@ class LibrosaExtractor(Extractor):
         sample_rate: int | None = None,
     ) -> None:
         super().__init__(name=name, sample_rate=sample_rate)
-        switches = {"mfcc": mfcc, "chroma": chroma, "mel": mel, "contrast": contrast, "tonnetz": tonnetz}
+        switches = {
+            "mfcc": mfcc,
+            "chroma": chroma,
+            "mel": mel,
+            "contrast": contrast,
+            "tonnetz": tonnetz,
+        }
         self.parts = [part for part, _ in _PARTS if switches[part]]
         if not self.parts:
             raise ValueError("librosa extractor: switch on at least one of " + ", ".join(switches))
@@ -65,7 +71,9 @@ class LibrosaExtractor(Extractor):
     def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
         x = np.asarray(signal, dtype=np.float32)
         if x.shape[0] < self.min_samples:
-            raise ExtractionError("preflight", f"clip of {x.shape[0]} samples is shorter than one STFT")
+            raise ExtractionError(
+                "preflight", f"clip of {x.shape[0]} samples is shorter than one STFT"
+            )
         stft = np.abs(librosa.stft(x)) if {"chroma", "contrast"} & set(self.parts) else None
         values: list[np.ndarray] = []
         for part in self.parts:

@@ -57,7 +57,9 @@ class ItemDataset(Dataset[Record]):
     Never raises for bad input: the error becomes the record's :class:`Failure`.
     """
 
-    def __init__(self, items: list[Item], extractor: Extractor, channel_policy: ChannelPolicy) -> None:
+    def __init__(
+        self, items: list[Item], extractor: Extractor, channel_policy: ChannelPolicy
+    ) -> None:
         self.items = items
         self.extractor = extractor
         self.channel_policy = channel_policy
@@ -106,7 +108,9 @@ class ItemDataset(Dataset[Record]):
                 features = self.extractor.transform(decoded.signal, decoded.sample_rate)
             too_short = [w for w in caught if "too short" in str(w.message).lower()]
             if too_short:
-                raise ExtractionError("preflight", f"clip too short for {self.extractor.name}: {too_short[0].message}")
+                raise ExtractionError(
+                    "preflight", f"clip too short for {self.extractor.name}: {too_short[0].message}"
+                )
             record.features = np.asarray(features)
         except Exception as exc:
             return fail(record, "transform", exc)
@@ -171,7 +175,9 @@ class ExtractionDataModule(L.LightningDataModule):
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = pin_memory
 
-    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
+    def transfer_batch_to_device(
+        self, batch: Batch, device: torch.device, dataloader_idx: int
+    ) -> Batch:
         # Only the padded tensors travel; records (numpy, strings) stay on the host.
         if batch.waveforms is not None:
             batch.waveforms = batch.waveforms.to(device, non_blocking=True)

@@ -25,9 +25,13 @@ class DeviceSpec:
 
     def __post_init__(self) -> None:
         if self.accelerator not in {"cpu", "cuda", "auto"}:
-            raise ValueError(f"device.accelerator must be cpu, cuda or auto, got {self.accelerator!r}")
+            raise ValueError(
+                f"device.accelerator must be cpu, cuda or auto, got {self.accelerator!r}"
+            )
         if str(self.precision) not in PRECISIONS:
-            raise ValueError(f"device.precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ValueError(
+                f"device.precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
 
     @property
     def resolved_accelerator(self) -> str:

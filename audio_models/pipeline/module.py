@@ -37,7 +37,9 @@ class ExtractionModule(L.LightningModule):
             for row, record in enumerate(records):
                 n = int(batch.lengths[row])
                 try:
-                    out = self.extractor.forward(batch.waveforms[row : row + 1, :n], batch.lengths[row : row + 1])
+                    out = self.extractor.forward(
+                        batch.waveforms[row : row + 1, :n], batch.lengths[row : row + 1]
+                    )
                     self._store([record], out)
                 except Exception as exc:
                     fail(record, "forward", exc)
@@ -46,6 +48,8 @@ class ExtractionModule(L.LightningModule):
     @staticmethod
     def _store(records: list[Record], outputs: list[Any]) -> None:
         if len(outputs) != len(records):
-            raise RuntimeError(f"extractor returned {len(outputs)} outputs for {len(records)} items")
+            raise RuntimeError(
+                f"extractor returned {len(outputs)} outputs for {len(records)} items"
+            )
         for record, out in zip(records, outputs, strict=True):
             record.features = out.detach().float().cpu().numpy()

@@ -164,7 +164,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.row_group_rows = row_group_rows
         self.frames_per_shard = frames_per_shard
         taken = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names) | {"features", "frame"}
-        clash = taken & set(self.labels.names) | (set(feature_names or ()) & (taken | set(self.labels.names)))
+        clash = taken & set(self.labels.names) | (
+            set(feature_names or ()) & (taken | set(self.labels.names))
+        )
         if clash:
             raise UserError(f"column names used twice in the outputs: {sorted(clash)}")
         self.n_items = 0
@@ -198,7 +200,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close(complete=True)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         # Flush what was finished; the files keep their .partial names (incomplete run).
         self.close(complete=False)
 
@@ -217,9 +221,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
             self._buffer.append(record)
         if failures:
             self._write_failures(failures)
-        if self.kind == OutputKind.FRAMES and self._buffer:
-            self._flush()
-        elif len(self._buffer) >= self.row_group_rows:
+        # Frames go out every batch (their shards are the bulk); vectors in row groups.
+        frames_pending = self.kind == OutputKind.FRAMES and self._buffer
+        if frames_pending or len(self._buffer) >= self.row_group_rows:
             self._flush()
 
     def _check_shape(self, record: Record) -> None:
@@ -243,9 +247,13 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 if failure is not None
                 else ("transform", "NoOutput", "extractor returned nothing")
             )
-            warnings.warn(f"{record.item.id}: {stage} failed: {error_type}: {message}", stacklevel=2)
+            warnings.warn(
+                f"{record.item.id}: {stage} failed: {error_type}: {message}", stacklevel=2
+            )
             for key, value in zip(
-                FAILURE_SCHEMA.names, (record.item.id, record.item.path, stage, error_type, message), strict=True
+                FAILURE_SCHEMA.names,
+                (record.item.id, record.item.path, stage, error_type, message),
+                strict=True,
             ):
                 rows[key].append(value)
         self._failures.write(pa.table(rows, schema=FAILURE_SCHEMA))
@@ -259,7 +267,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
             if field.name not in columns:
                 columns[field.name] = pa.array([r.meta[field.name] for r in records], field.type)
         for field in self.labels:
-            columns[field.name] = _labels_array([r.item.labels.get(field.name) for r in records], field.type)
+            columns[field.name] = _labels_array(
+                [r.item.labels.get(field.name) for r in records], field.type
+            )
         return columns
 
     def _flush(self) -> None:
@@ -295,7 +305,10 @@ class ParquetFeatureWriter(BasePredictionWriter):
         matrix = np.concatenate([r.features for r in records], axis=0)
         ids = np.repeat(np.array([r.item.id for r in records], dtype=object), counts)
         frame_no = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
-        frame_cols: dict[str, pa.Array] = {"id": pa.array(ids, pa.string()), "frame": pa.array(frame_no)}
+        frame_cols: dict[str, pa.Array] = {
+            "id": pa.array(ids, pa.string()),
+            "frame": pa.array(frame_no),
+        }
         names = self.feature_names or [f"f{j}" for j in range(matrix.shape[1])]
         for j, name in enumerate(names):
             frame_cols[name] = pa.array(np.ascontiguousarray(matrix[:, j]))

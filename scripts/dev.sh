@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up the locked environment (.venv via uv), then run one of:
+#   extract [hydra overrides...]   python -m runners.extract
+#   test [pytest args...]          ruff check + pytest
+#   bench [args...]                python -m benchmarks.extract
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+uv_cmd() {
+  if command -v uv >/dev/null 2>&1; then uv "$@"; return; fi
+  if ! python3 -m uv --version >/dev/null 2>&1; then
+    echo "installing uv with pip ..." >&2
+    python3 -m pip install --quiet --user uv 2>/dev/null \
+      || python3 -m pip install --quiet --user --break-system-packages uv 2>/dev/null \
+      || python3 -m pip install --quiet uv
+  fi
+  python3 -m uv "$@"
+}
+
+ensure_ffmpeg() {
+  # torchcodec and whisperX decode through ffmpeg; the openSMILE/librosa/torchaudio paths do not.
+  command -v ffmpeg >/dev/null 2>&1 && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ffmpeg with apt-get ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null
+  else
+    echo "warning: ffmpeg is missing (needed for whisperX): sudo apt-get install -y ffmpeg" >&2
+  fi
+}
+
+ensure_ffmpeg
+uv_cmd sync --frozen --quiet
+
+cmd="${1:-extract}"
+shift || true
+case "$cmd" in
+  extract) exec .venv/bin/python -m runners.extract "$@" ;;
+  test) .venv/bin/ruff check . && exec .venv/bin/python -m pytest "$@" ;;
+  bench) exec .venv/bin/python -m benchmarks.extract "$@" ;;
+  *) echo "usage: $0 {extract|test|bench} [args...]" >&2; exit 2 ;;
+esac

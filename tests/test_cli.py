@@ -1,0 +1,66 @@
+"""The command line: clear messages and exit codes, no traceback walls."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "runners.extract",
+        "tracking=off",
+        "device=cpu",
+        "progress_bar=false",
+        "loader.num_workers=0",
+        f"output_dir={tmp_path}/out",
+        f"hydra.run.dir={tmp_path}/hydra",
+        *overrides,
+    ]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_missing_dataset_root(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "dataset=folder", f"dataset.root={tmp_path}/nope")
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out" / "features.parquet").exists()
+
+
+def test_manifest_without_path_column(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("file\tlabel\na.wav\tx\n")
+    proc = _run(tmp_path, "dataset=manifest", f"dataset.path={manifest}")
+    assert proc.returncode == 2
+    assert "no path column 'path'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_unknown_extractor(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "extractor=xlsr53000")
+    assert proc.returncode != 0
+    assert "Available options in 'extractor'" in proc.stderr
+    assert "egemaps" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_failure_ratio_sets_the_exit_code(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sf.write(corpus / "ok.wav", (0.2 * np.sin(np.arange(16000) / 10)).astype(np.float32), 16000)
+    (corpus / "bad.wav").write_bytes(b"nope")
+    tolerant = _run(tmp_path, "dataset=folder", f"dataset.root={corpus}", "max_failure_ratio=0.5")
+    assert tolerant.returncode == 0, tolerant.stderr
+    strict = _run(tmp_path, "dataset=folder", f"dataset.root={corpus}", "max_failure_ratio=0.1")
+    assert strict.returncode == 3
+    assert "1 of 2 items failed" in strict.stderr
+    assert (tmp_path / "out" / "features.parquet").exists()  # the good item is still written

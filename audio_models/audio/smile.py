@@ -70,11 +70,12 @@ class OpenSmileExtractor(Extractor):
         return _LLD_FRAME_SHIFT_S if self.kind == OutputKind.FRAMES else None
 
     def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
-        frame = self.smile.process_signal(signal, sample_rate)
-        values = frame.to_numpy()
-        if values.shape[0] == 0:
+        # Calling the Smile object returns the raw (channels, features, frames) array: the
+        # same numbers as process_signal/process_file without building a pandas frame.
+        values = self.smile(signal, sample_rate)[0]
+        if values.shape[-1] == 0:
             raise ExtractionError("transform", "openSMILE produced no frames (clip too short)")
-        return values[0] if self.kind == OutputKind.VECTOR else values
+        return values[:, 0] if self.kind == OutputKind.VECTOR else values.T
 
     def provenance(self) -> dict[str, str]:
         return {

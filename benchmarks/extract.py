@@ -1,0 +1,174 @@
+"""Benchmark: egemaps through the runner vs opensmile's own batch path, at 1 and 2 workers.
+
+    python -m benchmarks.extract [--n-files 120] [--workers 1 2] [--corpus DIR]
+
+Builds a corpus of real speech (concatenations of ``../shared/data/speech`` recordings, 1.5–20 s,
+16 kHz) and prints, from one process, audio seconds per second of
+``python -m runners.extract extractor=egemaps`` (in-process, tracking off, whole ``extract()``
+call timed) and of ``opensmile.Smile(num_workers=N, multiprocessing=True).process_files``,
+the ratios, and the runner's peak memory (main process plus loader workers, sampled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import opensmile
+import psutil
+import soundfile as sf
+
+from audio_models.audio.io import decode
+from audio_models.utils.errors import UserError
+
+SHARED_SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+RATE = 16000
+
+
+def build_corpus(
+    out: Path, n_files: int, source: Path = SHARED_SPEECH, seed: int = 0
+) -> list[Path]:
+    """Write ``n_files`` WAVs of 1.5–20 s, each a random concatenation of real recordings."""
+    recordings = sorted(p for p in source.rglob("*") if p.suffix in {".wav", ".flac"})
+    if not recordings:
+        raise UserError(f"no recordings under {source}: the benchmark needs ../shared/data/speech")
+    signals = [decode(str(p), target_sample_rate=RATE).signal for p in recordings]
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n_files):
+        target = rng.uniform(1.5, 20.0)
+        parts, total = [], 0
+        while total < target * RATE:
+            piece = signals[rng.integers(len(signals))]
+            parts.append(piece)
+            total += len(piece)
+        signal = np.concatenate(parts)[: int(target * RATE)]
+        path = out / f"utt{i:04d}.wav"
+        sf.write(path, signal, RATE, subtype="PCM_16")
+        files.append(path)
+    return files
+
+
+class PeakTreeRss:
+    """Samples the RSS of this process plus its children every 20 ms; keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a worker may exit meanwhile
+                    total += proc.memory_info().rss
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            time.sleep(0.02)
+
+    def __enter__(self) -> PeakTreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_runner(corpus: Path, workers: int, out: Path) -> tuple[float, float, float]:
+    """Seconds for the whole ``extract()`` call, its predict-loop seconds, peak tree RSS (MiB)."""
+    from hydra import compose, initialize_config_dir
+
+    from runners.extract import extract
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(
+            config_name="extract",
+            overrides=[
+                "extractor=egemaps",
+                "dataset=folder",
+                f"dataset.root={corpus}",
+                "device=cpu",
+                "tracking=off",
+                "progress_bar=false",
+                f"loader.num_workers={workers}",
+                f"output_dir={out}",
+            ],
+        )
+    with PeakTreeRss() as memory:
+        started = time.perf_counter()
+        result = extract(cfg)
+        wall = time.perf_counter() - started
+    if result.metrics["n_failed"]:
+        raise RuntimeError(f"runner failed on {result.metrics['n_failed']} items")
+    return wall, result.metrics["wall_s"], memory.peak_mb
+
+
+def run_opensmile(files: list[Path], workers: int) -> float:
+    smile = opensmile.Smile(
+        feature_set=opensmile.FeatureSet.eGeMAPSv02,
+        feature_level=opensmile.FeatureLevel.Functionals,
+        num_workers=workers,
+        multiprocessing=True,
+    )
+    started = time.perf_counter()
+    frame = smile.process_files([str(f) for f in files])
+    wall = time.perf_counter() - started
+    if len(frame) != len(files):
+        raise RuntimeError("opensmile returned the wrong number of rows")
+    return wall
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n-files", type=int, default=120)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--corpus", type=Path, default=None, help="reuse/keep the corpus here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = args.corpus or Path(tmp) / "corpus"
+        files = build_corpus(corpus, args.n_files)
+        audio_s = sum(sf.info(str(f)).duration for f in files)
+        for f in files:  # warm the page cache so neither path pays the first read
+            f.read_bytes()
+        mean = audio_s / len(files)
+        print(f"corpus: {len(files)} files, {audio_s:.1f} s of audio ({mean:.1f} s mean)")
+        results: dict[int, dict[str, float]] = {}
+        for workers in args.workers:
+            smile_wall = run_opensmile(files, workers)
+            runner_wall, loop_wall, peak = run_runner(corpus, workers, Path(tmp) / f"out{workers}")
+            results[workers] = {
+                "runner": audio_s / runner_wall,
+                "loop": audio_s / loop_wall,
+                "opensmile": audio_s / smile_wall,
+                "peak": peak,
+            }
+            r = results[workers]
+            print(
+                f"workers={workers}: runner {r['runner']:.1f} audio s/s "
+                f"(predict loop {r['loop']:.1f}), "
+                f"opensmile process_files {r['opensmile']:.1f} audio s/s, "
+                f"runner/opensmile {r['runner'] / r['opensmile']:.2f}x, "
+                f"runner peak RSS {peak:.0f} MiB"
+            )
+        if 1 in results and 2 in results:
+            one, two = results[1], results[2]
+            print(
+                f"scaling 2 vs 1 worker: runner {two['runner'] / one['runner']:.2f}x, "
+                f"opensmile {two['opensmile'] / one['opensmile']:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -89,6 +89,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     extractor: Extractor = _build(cfg, "extractor")
     dataset: AudioDataset = _build(cfg, "dataset")
     device: DeviceSpec = _build(cfg, "device")
+    device.check_available()
     tracker: NullTracker = _build(cfg, "tracking")
     items = dataset.items
     fingerprint = dataset.fingerprint()

@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from audio_models.utils.errors import UserError
 from runners.extract import extract
 from tests.test_config import EXTRACTORS
 
@@ -222,3 +224,25 @@ def test_bad_files_become_failure_rows(make_cfg, tmp_path: Path, name: str) -> N
     assert failures.loc["corpus/tiny.wav", "stage"] == "preflight"
     assert result.metrics["n_items"] == 9
     assert result.metrics["n_failed"] == 5
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(make_cfg) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(UserError, match="no CUDA device"):
+        extract(make_cfg("device=cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_fbank_on_cuda_equals_cpu(make_cfg, precision: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cpu = extract(make_cfg("extractor=fbank", out="cpu"))
+    gpu = extract(
+        make_cfg("extractor=fbank", "device=cuda", f"device.precision={precision}", out="gpu")
+    )
+    a, b = (pd.read_parquet(r.output_dir / "frames" / "shard-00000.parquet") for r in (cpu, gpu))
+    np.testing.assert_allclose(
+        a.iloc[:, 2:].to_numpy(), b.iloc[:, 2:].to_numpy(), rtol=1e-4, atol=1e-3
+    )

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from audio_models.utils.errors import UserError
+
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
@@ -38,6 +40,13 @@ class DeviceSpec:
         if self.accelerator == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.accelerator
+
+    def check_available(self) -> None:
+        """Raise a one-line error when CUDA is asked for but absent (before any work)."""
+        if self.accelerator == "cuda" and not torch.cuda.is_available():
+            raise UserError(
+                "device=cuda but no CUDA device is visible; use device=cpu or device=auto"
+            )
 
     def trainer_kwargs(self) -> dict[str, object]:
         return {

@@ -34,6 +34,9 @@ class Extractor:
     uses_transform: ClassVar[bool] = False
     #: Whether :meth:`forward` does the work (batched, on the device).
     uses_forward: ClassVar[bool] = False
+    #: Keys of ``requirements.csv`` whose checkouts the extractor reads; a dirty one gets its
+    #: diff logged with the run so the numbers stay reproducible.
+    upstreams: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, name: str, sample_rate: int | None = None) -> None:
         self.name = name

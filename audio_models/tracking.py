@@ -46,6 +46,9 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None:
         """Attach a text file (no-op)."""
 
+    def log_file(self, path: Path) -> None:
+        """Attach one file at the artifact root (no-op)."""
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run (no-op)."""
 
@@ -132,6 +135,9 @@ class MlflowTracker(NullTracker):
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
+
+    def log_file(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -35,6 +35,13 @@ from audio_models.pipeline.writer import ParquetFeatureWriter
 from audio_models.tracking import NullTracker, flatten
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import git_state, package_versions
+from audio_models.utils.repos import (
+    provenance_tags,
+    read_requirements,
+    requirements_path,
+    resolve,
+    uncommitted_diff,
+)
 
 log = logging.getLogger("runners.extract")
 
@@ -91,6 +98,8 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     device: DeviceSpec = _build(cfg, "device")
     device.check_available()
     tracker: NullTracker = _build(cfg, "tracking")
+    upstreams = read_requirements()
+    used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
     items = dataset.items
     fingerprint = dataset.fingerprint()
     output_dir = Path(cfg.output_dir)
@@ -138,11 +147,17 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         "resampler": RESAMPLER,
         **{f"version.{k}": v for k, v in package_versions().items()},
         **{f"provenance.{k}": v for k, v in extractor.provenance().items()},
+        **provenance_tags(upstreams),
     }
     resolved = OmegaConf.to_container(cfg, resolve=True)
     params = flatten(resolved)
     params["n_items_planned"] = str(len(items))
     tracker.start(run_name=f"{extractor.name}-{dataset.name}", params=params, tags=tags)
+    tracker.log_file(requirements_path())
+    for key, state in used.items():
+        if state.dirty and state.path is not None:
+            # Local edits decide the numbers too: keep them with the run.
+            tracker.log_text(uncommitted_diff(state.path), f"upstream_diffs/{key}.diff")
 
     started = time.perf_counter()
     try:

@@ -1,0 +1,1 @@
+"""Command-line helpers run with ``python -m audio_models.scripts.<name>``."""

@@ -59,12 +59,28 @@ class KaldiConfig:
     cepstral_lifter: float = 22.0
 
 
+@dataclass
+class SerConfig:
+    _target_: str = "audio_models.speech.ser.EmotionClassifierExtractor"
+    name: str = "ser"
+    model_path: str | None = None
+    sha256: str | None = None
+    trust_unverified: bool = False
+    estimator: str | None = None
+    features: list[str] = field(default_factory=lambda: ["mfcc", "chroma", "mel"])
+    emotions: list[str] | None = None
+    output_column: str = "emotion"
+    keep_features: bool = False
+    sample_rate: int = 16000
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
 register_extractor("librosa", LibrosaConfig)
 register_extractor("fbank", KaldiConfig)
 register_extractor("mfcc", KaldiConfig)
+register_extractor("ser", SerConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 
@@ -76,6 +92,7 @@ class DemoDatasetConfig:
     root: str | None = None
     n_clips: int = 24
     seed: int = 0
+    label_column: str | None = "label"
 
 
 @dataclass
@@ -87,6 +104,7 @@ class FolderDatasetConfig:
         default_factory=lambda: ["**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3"]
     )
     label_regex: str | None = None
+    label_column: str | None = None
 
 
 @dataclass
@@ -99,6 +117,7 @@ class ManifestDatasetConfig:
     start_column: str = "start"
     end_column: str = "end"
     label_columns: list[str] | None = None
+    label_column: str | None = None
 
 
 # -- device and tracking ------------------------------------------------------------------
@@ -124,6 +143,18 @@ class MlflowConfig:
 @dataclass
 class TrackingOffConfig:
     _target_: str = "audio_models.tracking.NullTracker"
+
+
+@dataclass
+class EstimatorConfig:
+    source: str = "upstream"  # upstream: class + params of the upstream grid's best; config
+    model_path: str | None = None  # legacy upstream pickle (default: the checkout's)
+    sha256: str | None = None
+    trust_unverified: bool = False
+    name: str = "SVC"  # with source=config: a scikit-learn classifier class name
+    params: dict[str, Any] = field(
+        default_factory=lambda: {"C": 10, "gamma": 0.001, "kernel": "rbf"}
+    )
 
 
 # -- the primary config -------------------------------------------------------------------
@@ -156,9 +187,26 @@ class ExtractConfig:
     seed: int = 0
 
 
+@dataclass
+class TrainSerConfig:
+    dataset: Any = MISSING
+    device: Any = MISSING
+    tracking: Any = MISSING
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    features: list[str] = field(default_factory=lambda: ["mfcc", "chroma", "mel"])
+    sample_rate: int = 16000
+    speaker_column: str | None = "speaker"  # grouped CV when the dataset has this column
+    n_splits: int = 5
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    output_dir: str = MISSING
+    progress_bar: bool = True
+    seed: int = 0
+
+
 def _register() -> None:
     store = ConfigStore.instance()
     store.store(name="extract_schema", node=ExtractConfig)
+    store.store(name="train_ser_schema", node=TrainSerConfig)
     for group, name, node in (
         ("dataset", "demo", DemoDatasetConfig),
         ("dataset", "folder", FolderDatasetConfig),

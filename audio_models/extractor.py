@@ -8,6 +8,7 @@ files, never talks to MLflow and never picks batch sizes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
@@ -20,6 +21,14 @@ class OutputKind(StrEnum):
 
     VECTOR = "vector"  # one fixed-size vector
     FRAMES = "frames"  # an (n_frames, dim) matrix with a fixed frame shift
+
+
+@dataclass
+class Output:
+    """A transform result with text columns beside the numbers (e.g. a predicted label)."""
+
+    values: np.ndarray
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Extractor:
@@ -36,7 +45,7 @@ class Extractor:
     uses_forward: ClassVar[bool] = False
     #: Keys of ``requirements.csv`` whose checkouts the extractor reads; a dirty one gets its
     #: diff logged with the run so the numbers stay reproducible.
-    upstreams: ClassVar[tuple[str, ...]] = ()
+    upstreams: tuple[str, ...] = ()
 
     def __init__(self, *, name: str, sample_rate: int | None = None) -> None:
         self.name = name
@@ -62,10 +71,16 @@ class Extractor:
         """Seconds between frames, for :attr:`OutputKind.FRAMES` extractors."""
         return None
 
-    def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
+    @property
+    def extra_columns(self) -> list[str]:
+        """Text columns an :class:`Output` carries, written before the features."""
+        return []
+
+    def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray | Output:
         """Compute features of one mono float32 signal on the CPU.
 
-        Returns a 1-D vector (``VECTOR``) or a 2-D ``(n_frames, dim)`` matrix (``FRAMES``).
+        Returns a 1-D vector (``VECTOR``) or a 2-D ``(n_frames, dim)`` matrix (``FRAMES``),
+        or an :class:`Output` when :attr:`extra_columns` are declared.
         """
         raise NotImplementedError(f"{type(self).__name__} has no per-item transform")
 

@@ -112,6 +112,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         frame_shift_s=extractor.frame_shift_s,
         items=items,
         label_columns=dataset.label_columns,
+        extra_columns=extractor.extra_columns,
         row_group_rows=cfg.writer.row_group_rows,
         frames_per_shard=cfg.writer.frames_per_shard,
     )

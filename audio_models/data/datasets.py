@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ def default_cache_dir() -> Path:
 class AudioDataset:
     """Base class: a named, fingerprinted list of :class:`Item`."""
 
-    def __init__(self, *, name: str) -> None:
+    def __init__(self, *, name: str, label_column: str | None = None) -> None:
         self.name = name
+        #: The primary label (what a probe or classifier predicts), if the dataset names one.
+        self.label_column = label_column
         self._items: list[Item] | None = None
 
     def _load(self) -> list[Item]:
@@ -46,10 +49,16 @@ class AudioDataset:
             items = self._load()
             if not items:
                 raise UserError(f"dataset {self.name!r} has no audio items ({self.describe()})")
-            ids = [item.id for item in items]
-            if len(set(ids)) != len(ids):
-                dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            counts = Counter(item.id for item in items)
+            dupes = sorted(i for i, n in counts.items() if n > 1)[:5]
+            if dupes:
                 raise UserError(f"dataset {self.name!r} has duplicate item ids, e.g. {dupes}")
+            names = {k for item in items for k in item.labels}
+            if self.label_column is not None and self.label_column not in names:
+                raise UserError(
+                    f"dataset.label_column={self.label_column!r} is not among its label columns "
+                    f"{sorted(names)}"
+                )
             self._items = items
         return self._items
 
@@ -98,8 +107,9 @@ class FolderDataset(AudioDataset):
         root: str,
         pattern: Sequence[str] = AUDIO_PATTERNS,
         label_regex: str | None = None,
+        label_column: str | None = None,
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(name=name, label_column=label_column)
         self.root = Path(root).expanduser()
         self.pattern = list(pattern)
         try:
@@ -152,8 +162,9 @@ class ManifestDataset(AudioDataset):
         start_column: str = "start",
         end_column: str = "end",
         label_columns: Sequence[str] | None = None,
+        label_column: str | None = None,
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(name=name, label_column=label_column)
         self.path = Path(path).expanduser()
         self.path_column = path_column
         self.id_column = id_column
@@ -250,12 +261,18 @@ class DemoDataset(ManifestDataset):
     """
 
     def __init__(
-        self, *, name: str = "demo", root: str | None = None, n_clips: int = 24, seed: int = 0
+        self,
+        *,
+        name: str = "demo",
+        root: str | None = None,
+        n_clips: int = 24,
+        seed: int = 0,
+        label_column: str | None = "label",
     ) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir() / "demo"
         self.n_clips = n_clips
         self.seed = seed
-        super().__init__(name=name, path=str(self.root / "labels.csv"))
+        super().__init__(name=name, path=str(self.root / "labels.csv"), label_column=label_column)
 
     def _load(self) -> list[Item]:
         ensure_demo_corpus(self.root, n_clips=self.n_clips, seed=self.seed)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from audio_models.audio.io import ChannelPolicy, decode
 from audio_models.data.items import Item
-from audio_models.extractor import Extractor
+from audio_models.extractor import Extractor, Output
 from audio_models.utils.errors import ExtractionError
 
 
@@ -34,6 +34,7 @@ class Record:
     item: Item
     meta: dict[str, Any] = field(default_factory=dict)
     features: np.ndarray | None = None
+    extra: dict[str, str] = field(default_factory=dict)
     signal: np.ndarray | None = None
     failure: Failure | None = None
 
@@ -111,6 +112,9 @@ class ItemDataset(Dataset[Record]):
                 raise ExtractionError(
                     "preflight", f"clip too short for {self.extractor.name}: {too_short[0].message}"
                 )
+            if isinstance(features, Output):
+                record.extra = features.extra
+                features = features.values
             record.features = np.asarray(features)
         except Exception as exc:
             return fail(record, "transform", exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
         frame_shift_s: float | None,
         items: list[Item],
         label_columns: list[str],
+        extra_columns: list[str] | None = None,
         row_group_rows: int = 512,
         frames_per_shard: int = 1_000_000,
     ) -> None:
@@ -161,14 +163,17 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.feature_names = feature_names
         self.frame_shift_s = frame_shift_s
         self.labels = label_schema(items, label_columns)
+        self.extra_columns = list(extra_columns or [])
         self.row_group_rows = row_group_rows
         self.frames_per_shard = frames_per_shard
         taken = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names) | {"features", "frame"}
-        clash = taken & set(self.labels.names) | (
-            set(feature_names or ()) & (taken | set(self.labels.names))
-        )
+        names = Counter([*self.labels.names, *self.extra_columns, *(feature_names or ())])
+        clash = (taken & set(names)) | {n for n, count in names.items() if count > 1}
         if clash:
-            raise UserError(f"column names used twice in the outputs: {sorted(clash)}")
+            raise UserError(
+                f"column names used twice in the outputs: {sorted(clash)} (a label column "
+                "named like an output column: rename it, or the extractor's output column)"
+            )
         self.n_items = 0
         self.n_failed = 0
         self.audio_seconds = 0.0
@@ -270,6 +275,8 @@ class ParquetFeatureWriter(BasePredictionWriter):
             columns[field.name] = _labels_array(
                 [r.item.labels.get(field.name) for r in records], field.type
             )
+        for name in self.extra_columns:
+            columns[name] = pa.array([r.extra.get(name) for r in records], pa.string())
         return columns
 
     def _flush(self) -> None:

@@ -141,6 +141,12 @@ def is_dirty(path: Path) -> bool:
     return bool(_git(path, "status", "--porcelain", "--untracked-files=no").stdout.strip())
 
 
+def blob_at(path: Path, commit: str, relpath: str) -> str | None:
+    """Object id of ``relpath`` at ``commit`` (``None`` when either is unknown there)."""
+    proc = _git(path, "rev-parse", f"{commit}:{relpath}", check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def uncommitted_diff(path: Path) -> str:
     return _git(path, "diff", "HEAD", "--binary").stdout
 

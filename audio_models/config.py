@@ -170,7 +170,16 @@ class LoaderConfig:
 @dataclass
 class WriterConfig:
     row_group_rows: int = 512
-    frames_per_shard: int = 1_000_000
+
+
+@dataclass
+class PreflightConfig:
+    _target_: str = "audio_models.data.loader.Preflight"
+    min_duration_s: float = 0.0
+    max_duration_s: float | None = None
+    max_silence_ratio: float | None = None
+    max_clipping_ratio: float | None = None
+    silence_db: float = -60.0
 
 
 @dataclass
@@ -181,7 +190,9 @@ class ExtractConfig:
     tracking: Any = MISSING
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
     output_dir: str = MISSING
+    resume: bool = True
     max_failure_ratio: float = 0.1
     progress_bar: bool = True
     seed: int = 0

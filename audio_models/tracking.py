@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,32 @@ log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 _BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+# Config keys whose values must never reach MLflow or logged files.
+_SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """A copy of a config container with secret-looking keys' values replaced by ``***``.
+
+    Also masks ``user:password@`` in URIs (a tracking URI with credentials, say).
+    """
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if _SECRET.search(str(k)) and v is not None else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        masked = re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:" + REDACTED + "@", value)
+        key, sep, _ = masked.partition("=")  # a Hydra override "hf_token=abc"
+        if sep and _SECRET.search(key):
+            return f"{key}={REDACTED}"
+        return masked
+    return value
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -34,8 +61,15 @@ class NullTracker:
 
     run_id: str | None = None
 
-    def start(self, *, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
-        """Open a run (no-op)."""
+    def start(
+        self,
+        *,
+        run_name: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        resume_run_id: str | None = None,
+    ) -> None:
+        """Open a run, or reopen ``resume_run_id`` (no-op)."""
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Record metrics (no-op)."""
@@ -95,9 +129,36 @@ class MlflowTracker(NullTracker):
                 raise
             return found.experiment_id
 
-    def start(self, *, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+    def start(
+        self,
+        *,
+        run_name: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        resume_run_id: str | None = None,
+    ) -> None:
         from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
 
+        if resume_run_id:
+            try:
+                self.client.get_run(resume_run_id)
+            except MlflowException:
+                log.warning(
+                    "run %s of the interrupted extraction is not in %s", resume_run_id, self.uri
+                )
+            else:
+                # Same settings, same run: its params stand; it is marked running again.
+                self.run_id = resume_run_id
+                self.client.update_run(resume_run_id, status="RUNNING")
+                self.client.log_batch(
+                    resume_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]
+                )
+                self.client.set_tag(resume_run_id, "resumed", "true")
+                log.info("resuming MLflow run %s at %s", resume_run_id, self.uri)
+                return
+        if resume_run_id:
+            tags = {**tags, "resumed_from": resume_run_id}
         run = self.client.create_run(
             self._experiment_id(), run_name=run_name, tags={k: str(v) for k, v in tags.items()}
         )

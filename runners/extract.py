@@ -8,6 +8,8 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import resource
 import sys
@@ -18,6 +20,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -26,13 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 import audio_models.config  # noqa: F401  (registers the structured configs)
 from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
 from audio_models.data.datasets import AudioDataset
-from audio_models.data.loader import ExtractionDataModule
+from audio_models.data.loader import ExtractionDataModule, Preflight
 from audio_models.extractor import Extractor
 from audio_models.pipeline.device import DeviceSpec
 from audio_models.pipeline.module import ExtractionModule
 from audio_models.pipeline.progress import ThroughputProgressBar
-from audio_models.pipeline.writer import ParquetFeatureWriter
-from audio_models.tracking import NullTracker, flatten
+from audio_models.pipeline.writer import OutputStore, ParquetFeatureWriter
+from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import git_state, package_versions
 from audio_models.utils.repos import (
@@ -84,8 +88,35 @@ def _peak_rss_mb() -> tuple[float, float]:
     return own, children
 
 
+def settings_hash(cfg: DictConfig, extractor: Extractor) -> str:
+    """Hash of everything that changes an item's output: extractor config and provenance
+    (model revision, weights hash), channel policy and preflight policies."""
+    payload = {
+        "extractor": OmegaConf.to_container(cfg.extractor, resolve=True),
+        "provenance": extractor.provenance(),
+        "channel_policy": cfg.loader.channel_policy,
+        "preflight": OmegaConf.to_container(cfg.preflight, resolve=True),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+def _totals(store: OutputStore) -> tuple[int, int, float]:
+    """Items written, items failed and audio seconds in the final outputs (all invocations)."""
+    features, failures = store.final_files
+    written = audio = 0
+    if features.exists():
+        durations = pq.read_table(features, columns=["duration_s"]).column(0)
+        written, audio = len(durations), float(pc.sum(durations).as_py() or 0.0)
+    failed = pq.ParquetFile(failures).metadata.num_rows if failures.exists() else 0
+    return written, failed, audio
+
+
 def extract(cfg: DictConfig) -> ExtractionResult:
     """Run one extraction as configured; see ``conf/extract.yaml``.
+
+    A rerun with the same settings and ``output_dir`` resumes: committed items are skipped.
 
     Raises:
         UserError: for configuration or dataset problems, before any work starts.
@@ -98,15 +129,18 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     device: DeviceSpec = _build(cfg, "device")
     device.check_available()
     tracker: NullTracker = _build(cfg, "tracking")
+    preflight: Preflight = _build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
     items = dataset.items
     fingerprint = dataset.fingerprint()
+    config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    store = OutputStore(output_dir, config_hash, resume=cfg.resume)
+    store.open()
 
     writer = ParquetFeatureWriter(
-        output_dir,
+        store,
         kind=extractor.kind,
         feature_names=extractor.feature_names,
         frame_shift_s=extractor.frame_shift_s,
@@ -114,7 +148,6 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         label_columns=dataset.label_columns,
         extra_columns=extractor.extra_columns,
         row_group_rows=cfg.writer.row_group_rows,
-        frames_per_shard=cfg.writer.frames_per_shard,
     )
     callbacks: list[L.Callback] = [writer]
     if cfg.progress_bar:
@@ -135,6 +168,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         num_workers=cfg.loader.num_workers,
         channel_policy=cfg.loader.channel_policy,
         pin_memory=device.resolved_accelerator == "cuda",
+        config_hash=config_hash,
+        done_keys=frozenset(store.done_keys),
+        preflight=preflight,
     )
 
     commit, dirty = git_state()
@@ -142,6 +178,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         "extractor": extractor.name,
         "dataset": dataset.name,
         "dataset_fingerprint": fingerprint,
+        "config_hash": config_hash,
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
         "accelerator": device.resolved_accelerator,
@@ -151,14 +188,21 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         **provenance_tags(upstreams),
     }
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    params = flatten(resolved)
-    params["n_items_planned"] = str(len(items))
-    tracker.start(run_name=f"{extractor.name}-{dataset.name}", params=params, tags=tags)
+    tracker.start(
+        run_name=f"{extractor.name}-{dataset.name}",
+        params=flatten(redact(resolved)),
+        tags=tags,
+        resume_run_id=store.previous_run_id,
+    )
+    store.save_state(tracker.run_id)  # a killed run resumes into this MLflow run
+    writer.run_id = tracker.run_id
     tracker.log_file(requirements_path())
     for key, state in used.items():
         if state.dirty and state.path is not None:
             # Local edits decide the numbers too: keep them with the run.
             tracker.log_text(uncommitted_diff(state.path), f"upstream_diffs/{key}.diff")
+    if store.resumed:
+        log.info("resuming in %s: %d items already committed", output_dir, len(store.done_keys))
 
     started = time.perf_counter()
     try:
@@ -170,17 +214,20 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         raise
     wall = time.perf_counter() - started
     own_rss, worker_rss = _peak_rss_mb()
+    written, failed, audio = _totals(store)
     metrics = {
-        "n_items": float(writer.n_items),
-        "n_failed": float(writer.n_failed),
-        "audio_seconds": writer.audio_seconds,
+        "n_items": float(written + failed),
+        "n_failed": float(failed),
+        "n_skipped_resumed": float(writer.n_skipped),
+        "n_items_planned": float(len(items)),
+        "audio_seconds": audio,
         "wall_s": wall,
-        "audio_s_per_s": writer.audio_seconds / wall if wall > 0 else 0.0,
+        "audio_s_per_s": writer.audio_seconds_now / wall if wall > 0 else 0.0,
         "peak_rss_mb": own_rss,
         "peak_rss_worker_mb": worker_rss,
     }
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
+    (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(_overrides())))
     files = writer.output_files()
     tracker.log_metrics(metrics)
     tracker.log_artifacts(
@@ -188,10 +235,12 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     )
     tracker.end("FINISHED")
     log.info(
-        "%d items (%d failed), %.1f s of audio in %.1f s (%.1f audio s/s) → %s",
-        writer.n_items,
-        writer.n_failed,
-        writer.audio_seconds,
+        "%d items (%d failed, %d skipped as already done), %.1f s of audio in %.1f s "
+        "(%.1f audio s/s) → %s",
+        written + failed,
+        failed,
+        writer.n_skipped,
+        audio,
         wall,
         metrics["audio_s_per_s"],
         output_dir,

@@ -25,8 +25,8 @@ from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 
-import audio_models.config  # noqa: F401  (registers the structured configs)
 from audio_models.audio.librosa_features import LibrosaExtractor
+from audio_models.config import ExtractConfig
 from audio_models.speech.ser import load_classifier, sha256_bytes
 from audio_models.tracking import NullTracker, flatten
 from audio_models.utils.errors import UserError
@@ -79,19 +79,20 @@ def _features(cfg: DictConfig, output_dir: Path) -> tuple[pd.DataFrame, list[str
         "sample_rate": cfg.sample_rate,
         **{p: p in cfg.features for p in PARTS},
     }
-    ecfg = OmegaConf.create(
+    # The extraction schema's defaults (writer, preflight, resume, …) plus this run's pieces.
+    ecfg = OmegaConf.merge(
+        OmegaConf.structured(ExtractConfig),
         {
             "extractor": extractor,
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "device": OmegaConf.to_container(cfg.device, resolve=True),
             "tracking": {"_target_": "audio_models.tracking.NullTracker"},
             "loader": OmegaConf.to_container(cfg.loader, resolve=True),
-            "writer": {"row_group_rows": 512, "frames_per_shard": 1_000_000},
             "output_dir": str(output_dir / "features"),
             "max_failure_ratio": 1.0,
             "progress_bar": cfg.progress_bar,
             "seed": cfg.seed,
-        }
+        },
     )
     result = extract(ecfg)
     names = LibrosaExtractor(name="x", **{p: p in cfg.features for p in PARTS}).feature_names

@@ -210,7 +210,7 @@ def test_bad_files_become_failure_rows(make_cfg, tmp_path: Path, name: str) -> N
         )
     features = pd.read_parquet(result.output_dir / "features.parquet")
     failures = pd.read_parquet(result.output_dir / "failures.parquet").set_index("id")
-    assert list(failures.columns) == ["path", "stage", "error_type", "message"]
+    assert list(failures.columns) == ["path", "stage", "error_type", "message", "item_key"]
     assert sorted(features["id"]) == [
         "corpus/good0.wav",
         "corpus/good0.wav@0.5-1.5",

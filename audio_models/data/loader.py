@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class Record:
     extra: dict[str, str] = field(default_factory=dict)
     signal: np.ndarray | None = None
     failure: Failure | None = None
+    key: str | None = None  # what decides the item's output (see item_key)
+    skipped: bool = False  # a previous run already committed this key
 
     @property
     def duration_s(self) -> float:
@@ -52,25 +55,103 @@ def fail(record: Record, stage: str, exc: BaseException) -> Record:
     return record
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """Cheap per-item checks and the policies that skip items on purpose.
+
+    Args:
+        min_duration_s: shorter items are skipped (a failure row, stage ``preflight``).
+        max_duration_s: longer items are skipped (``None``: no limit).
+        max_silence_ratio: items with more silent 25 ms frames than this are skipped.
+        max_clipping_ratio: items with more clipped samples than this are skipped.
+        silence_db: a frame whose RMS is below this (dBFS) counts as silent.
+    """
+
+    min_duration_s: float = 0.0
+    max_duration_s: float | None = None
+    max_silence_ratio: float | None = None
+    max_clipping_ratio: float | None = None
+    silence_db: float = -60.0
+
+    def measure(self, signal: np.ndarray, sample_rate: int) -> tuple[float, float]:
+        """Silence ratio (of 25 ms frames) and clipping ratio (of samples ≥ 0.999 FS)."""
+        clipping = float(np.mean(np.abs(signal) >= 0.999)) if signal.size else 0.0
+        hop = max(1, int(0.025 * sample_rate))
+        n = signal.size // hop
+        if n == 0:
+            return 1.0, clipping
+        frames = signal[: n * hop].reshape(n, hop).astype(np.float64)
+        rms_db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-20)
+        return float(np.mean(rms_db < self.silence_db)), clipping
+
+    def violation(self, duration_s: float, silence: float, clipping: float) -> str | None:
+        if duration_s < self.min_duration_s:
+            return f"duration {duration_s:.3f} s < min_duration_s={self.min_duration_s}"
+        if self.max_duration_s is not None and duration_s > self.max_duration_s:
+            return f"duration {duration_s:.3f} s > max_duration_s={self.max_duration_s}"
+        if self.max_silence_ratio is not None and silence > self.max_silence_ratio:
+            return f"silence ratio {silence:.3f} > max_silence_ratio={self.max_silence_ratio}"
+        if self.max_clipping_ratio is not None and clipping > self.max_clipping_ratio:
+            return f"clipping ratio {clipping:.4f} > max_clipping_ratio={self.max_clipping_ratio}"
+        return None
+
+
+def item_key(item: Item, content_sha256: str, config_hash: str) -> str:
+    """What decides an item's output: its id and segment, its audio bytes and the settings."""
+    text = f"{item.id}\0{item.start}\0{item.end}\0{content_sha256}\0{config_hash}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 class ItemDataset(Dataset[Record]):
     """Maps an index to a decoded (and, for CPU extractors, transformed) :class:`Record`.
 
-    Never raises for bad input: the error becomes the record's :class:`Failure`.
+    Never raises for bad input: the error becomes the record's :class:`Failure`. Items whose
+    key is in ``done_keys`` come back as skipped records without being decoded.
     """
 
     def __init__(
-        self, items: list[Item], extractor: Extractor, channel_policy: ChannelPolicy
+        self,
+        items: list[Item],
+        extractor: Extractor,
+        channel_policy: ChannelPolicy,
+        *,
+        config_hash: str = "",
+        done_keys: set[str] | frozenset[str] = frozenset(),
+        preflight: Preflight | None = None,
     ) -> None:
         self.items = items
         self.extractor = extractor
         self.channel_policy = channel_policy
+        self.config_hash = config_hash
+        self.done_keys = done_keys
+        self.preflight = preflight or Preflight()
+        self._hashes: dict[tuple[str, int, int], str] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _content_hash(self, path: str) -> str:
+        stat = os.stat(path)
+        cache_key = (path, stat.st_size, stat.st_mtime_ns)
+        if cache_key not in self._hashes:  # segments of one file hash it once per worker
+            if len(self._hashes) > 1024:
+                self._hashes.clear()
+            with open(path, "rb") as handle:
+                self._hashes[cache_key] = hashlib.file_digest(handle, "sha256").hexdigest()
+        return self._hashes[cache_key]
+
     def __getitem__(self, index: int) -> Record:
         item = self.items[index]
         record = Record(item=item)
+        try:
+            content = self._content_hash(item.path)
+        except OSError as exc:
+            record.key = item_key(item, "unreadable", self.config_hash)
+            return fail(record, "decode", ExtractionError("decode", f"cannot read file: {exc}"))
+        record.key = item_key(item, content, self.config_hash)
+        if record.key in self.done_keys:
+            record.skipped = True
+            return record
         try:
             decoded = decode(
                 item.path,
@@ -81,6 +162,7 @@ class ItemDataset(Dataset[Record]):
             )
         except Exception as exc:
             return fail(record, "decode", exc)
+        silence, clipping = self.preflight.measure(decoded.signal, decoded.sample_rate)
         record.meta = {
             "start": decoded.start,
             "end": decoded.end,
@@ -89,7 +171,13 @@ class ItemDataset(Dataset[Record]):
             "source_sample_rate": decoded.source_sample_rate,
             "n_channels": decoded.n_channels,
             "channel_policy": self.channel_policy,
+            "silence_ratio": silence,
+            "clipping_ratio": clipping,
         }
+        policy = self.preflight.violation(decoded.duration_s, silence, clipping)
+        if policy is not None:
+            record.failure = Failure("preflight", "PolicySkip", policy)
+            return record
         if decoded.signal.shape[0] < self.extractor.min_samples:
             return fail(
                 record,
@@ -170,11 +258,21 @@ class ExtractionDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         channel_policy: ChannelPolicy = "mean",
         pin_memory: bool = False,
+        config_hash: str = "",
+        done_keys: set[str] | frozenset[str] = frozenset(),
+        preflight: Preflight | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.dataset = ItemDataset(items, extractor, channel_policy)
+        self.dataset = ItemDataset(
+            items,
+            extractor,
+            channel_policy,
+            config_hash=config_hash,
+            done_keys=done_keys,
+            preflight=preflight,
+        )
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = pin_memory

@@ -1,18 +1,29 @@
-"""Streams results to Parquet as batches finish, so memory does not grow with the corpus.
+"""Streams results to Parquet as batches finish; a killed run resumes where it stopped.
 
-Outputs in ``output_dir`` (written under a ``.partial`` name and renamed when complete):
+While a run is in progress, each batch is committed to ``output_dir/.progress`` as its own
+small Parquet files, each written under a temporary name and renamed (atomic): ``part-N``
+(feature rows, or per-item frame metadata) and ``fail-N`` (failure rows); frame matrices go to
+``frames/shard-N.parquet`` before the part that indexes them. A kill at any moment leaves only
+complete files. A rerun with the same settings skips every item key already committed, and the
+end of a run consolidates the parts into the final files:
 
-- ``features.parquet``: one row per item — metadata, label columns, then the features
-  (one column per named feature, else a fixed-size list column ``features``). For frame-level
-  extractors the row holds ``n_frames``, ``frame_shift_s``, ``shard`` and ``offset`` instead.
-- ``frames/shard-NNNNN.parquet`` + ``frames/index.parquet`` (frame-level extractors): one row
-  per frame (``id``, ``frame``, features); the index maps id → shard, offset, frame count, shift.
-- ``failures.parquet``: ``id``, ``path``, ``stage``, ``error_type``, ``message``.
+- ``features.parquet``: one row per item — metadata, label columns, extra text columns, then the
+  features (one column per named feature, else a fixed-size list column ``features``). For
+  frame-level extractors the row holds ``n_frames``, ``frame_shift_s``, ``shard``, ``offset``.
+- ``frames/shard-N.parquet`` + ``frames/index.parquet`` (frame-level extractors): one row per
+  frame (``id``, ``frame``, features); the index maps id → shard, offset, frame count, shift.
+- ``failures.parquet``: ``id``, ``path``, ``stage``, ``error_type``, ``message``, ``item_key``.
+
+Every final file carries the settings hash in its Parquet metadata; outputs of other settings
+are never mixed in.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -42,6 +53,9 @@ META_SCHEMA = pa.schema(
         ("source_sample_rate", pa.int32()),
         ("n_channels", pa.int16()),
         ("channel_policy", pa.string()),
+        ("silence_ratio", pa.float32()),
+        ("clipping_ratio", pa.float32()),
+        ("item_key", pa.string()),
     ]
 )
 FRAME_META_SCHEMA = pa.schema(
@@ -59,18 +73,14 @@ FAILURE_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
+        ("item_key", pa.string()),
     ]
 )
-INDEX_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("shard", pa.string()),
-        ("offset", pa.int64()),
-        ("n_frames", pa.int64()),
-        ("frame_shift_s", pa.float64()),
-    ]
-)
-PARTIAL = ".partial"
+INDEX_COLUMNS = ["id", "shard", "offset", "n_frames", "frame_shift_s"]
+PROGRESS = ".progress"
+HASH_KEY = b"audio_models.config_hash"
+RUN_KEY = b"audio_models.run_id"
+_SEQ = re.compile(r"^(part|fail|shard)-(\d+)\.parquet$")
 
 
 def label_schema(items: list[Item], columns: list[str]) -> pa.Schema:
@@ -94,59 +104,185 @@ def _labels_array(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
     return pa.array(values, type=arrow_type)
 
 
-class _RollingParquet:
-    """One Parquet file written row group by row group under a ``.partial`` name.
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
 
-    With ``schema=None`` the first table written decides it (feature dtypes come from the
-    extractor's first output).
+
+def _seq_files(folder: Path, kind: str) -> dict[int, Path]:
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _SEQ.match(path.name)
+            if match and match.group(1) == kind:
+                found[int(match.group(2))] = path
+    return dict(sorted(found.items()))
+
+
+class OutputStore:
+    """The output directory of one configuration: what is committed, what comes next.
+
+    Args:
+        output_dir: where the outputs live.
+        config_hash: hash of everything that changes an item's output.
+        resume: keep what a previous run with the same settings committed; ``False`` deletes
+            the previous outputs first.
     """
 
-    def __init__(self, path: Path, schema: pa.Schema | None = None) -> None:
-        self.path = path
-        self.schema = schema
-        self._writer: pq.ParquetWriter | None = None
-        self.rows = 0
+    def __init__(self, output_dir: str | Path, config_hash: str, *, resume: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.config_hash = config_hash
+        self.resume = resume
+        self.progress = self.output_dir / PROGRESS
+        self.frames = self.output_dir / "frames"
+        self.done_keys: set[str] = set()
+        self.previous_run_id: str | None = None
+        self.resumed = False
+        self._next = 0
 
     @property
-    def partial(self) -> Path:
-        return self.path.with_name(self.path.name + PARTIAL)
+    def final_files(self) -> list[Path]:
+        return [self.output_dir / "features.parquet", self.output_dir / "failures.parquet"]
 
-    def write(self, table: pa.Table) -> None:
-        if self.schema is None:
-            self.schema = table.schema
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.partial, self.schema)
-        self._writer.write_table(table.cast(self.schema))
-        self.rows += table.num_rows
+    def open(self) -> None:
+        """Check the directory against the settings, clean leftovers, collect done keys.
 
-    def close(self, *, complete: bool) -> None:
-        if self._writer is None and self.schema is not None:
-            self._writer = pq.ParquetWriter(self.partial, self.schema)  # an empty, typed file
-        if self._writer is None:
-            return
-        self._writer.close()
-        if complete:
-            self.partial.replace(self.path)
+        Raises:
+            UserError: the directory holds outputs of different settings.
+        """
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            shutil.rmtree(self.progress, ignore_errors=True)
+            shutil.rmtree(self.frames, ignore_errors=True)
+            for path in self.final_files:
+                path.unlink(missing_ok=True)
+        state = self.progress / "state.json"
+        features, failures = self.final_files
+        if state.exists():
+            saved = json.loads(state.read_text())
+            self._check_hash(saved.get("config_hash"), str(self.progress))
+            self.previous_run_id = saved.get("run_id")
+        elif features.exists() or failures.exists():
+            # A finished run: reopen it, so new items of a grown corpus join its outputs.
+            finished = features if features.exists() else failures
+            metadata = pq.read_schema(finished).metadata or {}
+            self._check_hash(metadata.get(HASH_KEY, b"").decode() or None, str(finished))
+            self.previous_run_id = metadata.get(RUN_KEY, b"").decode() or None
+            self.progress.mkdir()
+            if features.exists():
+                features.replace(self.progress / "part-000000.parquet")
+            if failures.exists():
+                failures.replace(self.progress / "fail-000000.parquet")
+            (self.frames / "index.parquet").unlink(missing_ok=True)
+        self.progress.mkdir(exist_ok=True)
+        for folder in (self.progress, self.frames):
+            if folder.is_dir():
+                for tmp in folder.glob("*.tmp"):
+                    tmp.unlink()  # a write that a kill interrupted
+        parts = _seq_files(self.progress, "part")
+        fails = _seq_files(self.progress, "fail")
+        for seq, shard in _seq_files(self.frames, "shard").items():
+            if seq not in parts:
+                shard.unlink()  # written, but its part never committed
+        for path in [*parts.values(), *fails.values()]:
+            self.done_keys.update(pq.read_table(path, columns=["item_key"]).column(0).to_pylist())
+        self.resumed = bool(self.done_keys)
+        self._next = max([*parts, *fails, -1]) + 1
+
+    def _check_hash(self, found: str | None, where: str) -> None:
+        if found != self.config_hash:
+            raise UserError(
+                f"{where} holds results of different settings (hash {found}, now "
+                f"{self.config_hash}); use another output_dir, or resume=false to replace them"
+            )
+
+    def save_state(self, run_id: str | None) -> None:
+        state = {"config_hash": self.config_hash, "run_id": run_id}
+        tmp = self.progress / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.progress / "state.json")
+
+    def next_seq(self) -> int:
+        seq, self._next = self._next, self._next + 1
+        return seq
+
+    def commit(
+        self, seq: int, part: pa.Table | None, failures: pa.Table | None, frames: pa.Table | None
+    ) -> None:
+        """Write one batch: frames first, then failures, then the part that indexes the frames."""
+        if frames is not None:
+            self.frames.mkdir(exist_ok=True)
+            _atomic_write(frames, self.frames / f"shard-{seq:06d}.parquet")
+        if failures is not None:
+            _atomic_write(failures, self.progress / f"fail-{seq:06d}.parquet")
+        if part is not None:
+            _atomic_write(part, self.progress / f"part-{seq:06d}.parquet")
+
+    def finalize(self, *, row_group_rows: int, run_id: str | None) -> None:
+        """Consolidate the parts into the final files and drop the progress folder."""
+        metadata = {HASH_KEY: self.config_hash.encode(), RUN_KEY: (run_id or "").encode()}
+        features, failures = self.final_files
+        parts = list(_seq_files(self.progress, "part").values())
+        if parts:
+            _concat(parts, features, metadata, row_group_rows)
+            index = pq.read_table(features, columns=None)
+            if "shard" in index.column_names:
+                _atomic_write(index.select(INDEX_COLUMNS), self.frames / "index.parquet")
+        fails = list(_seq_files(self.progress, "fail").values())
+        if fails:
+            _concat(fails, failures, metadata, row_group_rows)
+        else:
+            _atomic_write(FAILURE_SCHEMA.empty_table().replace_schema_metadata(metadata), failures)
+        shutil.rmtree(self.progress)
+
+    def output_files(self) -> list[Path]:
+        files = [f for f in self.final_files if f.exists()]
+        if self.frames.is_dir():
+            files += sorted(self.frames.glob("*.parquet"))
+        return files
+
+
+def _concat(
+    sources: list[Path], target: Path, metadata: dict[bytes, bytes], row_group_rows: int
+) -> None:
+    """Stream ``sources`` into ``target`` in row groups of about ``row_group_rows`` rows."""
+    schema = pq.read_schema(sources[0]).remove_metadata().with_metadata(metadata)
+    tmp = target.with_name(target.name + ".tmp")
+    pending: list[pa.Table] = []
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for source in sources:
+            table = (
+                pq.read_table(source).replace_schema_metadata(None).cast(schema.remove_metadata())
+            )
+            pending.append(table)
+            rows += table.num_rows
+            if rows >= row_group_rows:
+                writer.write_table(pa.concat_tables(pending).replace_schema_metadata(metadata))
+                pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.concat_tables(pending).replace_schema_metadata(metadata))
+    tmp.replace(target)
 
 
 class ParquetFeatureWriter(BasePredictionWriter):
-    """Writes each finished batch; keeps counts for the run's metrics.
+    """Commits each finished batch through an :class:`OutputStore`; keeps the run's counts.
 
     Args:
-        output_dir: where the files go.
+        store: the opened output store.
         kind: vector or frames.
         feature_names: column names, or ``None`` for an unnamed vector.
         frame_shift_s: seconds between frames (frame-level extractors).
         items: the dataset's items (label types are inferred from all of them).
         label_columns: label column names in output order.
-        row_group_rows: rows buffered per ``features.parquet`` row group (bounds memory and
-            keeps Parquet metadata small for wide sets such as ComParE's 6,373 columns).
-        frames_per_shard: frame rows per shard before a new shard starts.
+        extra_columns: text columns the extractor adds (a predicted label, say).
+        row_group_rows: rows per row group of the consolidated ``features.parquet``.
     """
 
     def __init__(
         self,
-        output_dir: str | Path,
+        store: OutputStore,
         *,
         kind: OutputKind,
         feature_names: list[str] | None,
@@ -155,17 +291,16 @@ class ParquetFeatureWriter(BasePredictionWriter):
         label_columns: list[str],
         extra_columns: list[str] | None = None,
         row_group_rows: int = 512,
-        frames_per_shard: int = 1_000_000,
     ) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.store = store
         self.kind = kind
         self.feature_names = feature_names
         self.frame_shift_s = frame_shift_s
         self.labels = label_schema(items, label_columns)
         self.extra_columns = list(extra_columns or [])
         self.row_group_rows = row_group_rows
-        self.frames_per_shard = frames_per_shard
+        self.run_id: str | None = None
         taken = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names) | {"features", "frame"}
         names = Counter([*self.labels.names, *self.extra_columns, *(feature_names or ())])
         clash = (taken & set(names)) | {n for n, count in names.items() if count > 1}
@@ -174,22 +309,12 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 f"column names used twice in the outputs: {sorted(clash)} (a label column "
                 "named like an output column: rename it, or the extractor's output column)"
             )
-        self.n_items = 0
-        self.n_failed = 0
-        self.audio_seconds = 0.0
-        self._buffer: list[Record] = []
-        self._features: _RollingParquet | None = None
-        self._failures: _RollingParquet | None = None
-        self._index: _RollingParquet | None = None
-        self._shard: _RollingParquet | None = None
-        self._shard_no = -1
-        self._closed = False
+        self.n_processed = 0  # items this invocation processed (written or failed)
+        self.n_skipped = 0  # items a previous run had committed
+        self.n_failed_now = 0
+        self.audio_seconds_now = 0.0  # audio this invocation wrote features for
 
     # -- Lightning hooks -------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._failures = _RollingParquet(self.output_dir / "failures.parquet", FAILURE_SCHEMA)
-
     def write_on_batch_end(
         self,
         trainer: L.Trainer,
@@ -203,33 +328,31 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.consume(prediction)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.close(complete=True)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        # Flush what was finished; the files keep their .partial names (incomplete run).
-        self.close(complete=False)
+        self.store.finalize(row_group_rows=self.row_group_rows, run_id=self.run_id)
 
     # -- writing ---------------------------------------------------------------------------
     def consume(self, records: list[Record]) -> None:
-        """Route each record to the features or the failures file."""
-        failures = []
+        """Commit one batch: successes to a part (and shard), failures to a fail file."""
+        done, failures = [], []
         for record in records:
-            self.n_items += 1
+            if record.skipped:
+                self.n_skipped += 1
+                continue
+            self.n_processed += 1
             if record.failure is None and record.features is not None:
                 self._check_shape(record)
             if record.failure is not None or record.features is None:
                 failures.append(record)
-                continue
-            self.audio_seconds += record.duration_s
-            self._buffer.append(record)
-        if failures:
-            self._write_failures(failures)
-        # Frames go out every batch (their shards are the bulk); vectors in row groups.
-        frames_pending = self.kind == OutputKind.FRAMES and self._buffer
-        if frames_pending or len(self._buffer) >= self.row_group_rows:
-            self._flush()
+            else:
+                done.append(record)
+                self.audio_seconds_now += record.duration_s
+        if not done and not failures:
+            return
+        seq = self.store.next_seq()
+        part = frames = None
+        if done:
+            part, frames = self._tables(done, seq)
+        self.store.commit(seq, part, self._failure_table(failures) if failures else None, frames)
 
     def _check_shape(self, record: Record) -> None:
         features = record.features
@@ -241,10 +364,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
         elif features.size and np.isnan(features).all():
             fail(record, "transform", ValueError("extractor returned only NaN"))
 
-    def _write_failures(self, records: list[Record]) -> None:
-        assert self._failures is not None
-        self.n_failed += len(records)
-        rows = {name: [] for name in FAILURE_SCHEMA.names}
+    def _failure_table(self, records: list[Record]) -> pa.Table:
+        self.n_failed_now += len(records)
+        rows: dict[str, list[Any]] = {name: [] for name in FAILURE_SCHEMA.names}
         for record in records:
             failure = record.failure
             stage, error_type, message = (
@@ -255,22 +377,23 @@ class ParquetFeatureWriter(BasePredictionWriter):
             warnings.warn(
                 f"{record.item.id}: {stage} failed: {error_type}: {message}", stacklevel=2
             )
-            for key, value in zip(
-                FAILURE_SCHEMA.names,
-                (record.item.id, record.item.path, stage, error_type, message),
-                strict=True,
-            ):
+            values = (record.item.id, record.item.path, stage, error_type, message, record.key)
+            for key, value in zip(FAILURE_SCHEMA.names, values, strict=True):
                 rows[key].append(value)
-        self._failures.write(pa.table(rows, schema=FAILURE_SCHEMA))
+        return pa.table(rows, schema=FAILURE_SCHEMA)
 
     def _meta_columns(self, records: list[Record]) -> dict[str, pa.Array]:
-        columns: dict[str, pa.Array] = {
-            "id": pa.array([r.item.id for r in records], pa.string()),
-            "path": pa.array([r.item.path for r in records], pa.string()),
-        }
+        columns: dict[str, pa.Array] = {}
         for field in META_SCHEMA:
-            if field.name not in columns:
-                columns[field.name] = pa.array([r.meta[field.name] for r in records], field.type)
+            if field.name == "id":
+                values = [r.item.id for r in records]
+            elif field.name == "path":
+                values = [r.item.path for r in records]
+            elif field.name == "item_key":
+                values = [r.key for r in records]
+            else:
+                values = [r.meta[field.name] for r in records]
+            columns[field.name] = pa.array(values, field.type)
         for field in self.labels:
             columns[field.name] = _labels_array(
                 [r.item.labels.get(field.name) for r in records], field.type
@@ -279,10 +402,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
             columns[name] = pa.array([r.extra.get(name) for r in records], pa.string())
         return columns
 
-    def _flush(self) -> None:
-        records, self._buffer = self._buffer, []
-        if not records:
-            return
+    def _tables(self, records: list[Record], seq: int) -> tuple[pa.Table, pa.Table | None]:
         columns = self._meta_columns(records)
         if self.kind == OutputKind.VECTOR:
             matrix = np.stack([r.features for r in records])
@@ -292,70 +412,24 @@ class ParquetFeatureWriter(BasePredictionWriter):
             else:
                 flat = pa.array(matrix.reshape(-1))
                 columns["features"] = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
-        else:
-            columns.update(self._write_frames(records))
-        table = pa.table(columns)
-        if self._features is None:
-            self._features = _RollingParquet(self.output_dir / "features.parquet", table.schema)
-        self._features.write(table)
-
-    def _write_frames(self, records: list[Record]) -> dict[str, pa.Array]:
-        if self._shard is None or self._shard.rows >= self.frames_per_shard:
-            self._next_shard()
-        assert self._shard is not None and self._index is not None
-        offsets, counts = [], []
-        offset = self._shard.rows
-        for record in records:
-            offsets.append(offset)
-            counts.append(int(record.features.shape[0]))
-            offset += counts[-1]
+            return pa.table(columns), None
+        counts = [int(r.features.shape[0]) for r in records]
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         matrix = np.concatenate([r.features for r in records], axis=0)
         ids = np.repeat(np.array([r.item.id for r in records], dtype=object), counts)
-        frame_no = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
         frame_cols: dict[str, pa.Array] = {
             "id": pa.array(ids, pa.string()),
-            "frame": pa.array(frame_no),
+            "frame": pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in counts])),
         }
         names = self.feature_names or [f"f{j}" for j in range(matrix.shape[1])]
         for j, name in enumerate(names):
             frame_cols[name] = pa.array(np.ascontiguousarray(matrix[:, j]))
-        self._shard.write(pa.table(frame_cols))
-        shard_name = f"frames/{self._shard.path.name}"
-        index = {
-            "id": pa.array([r.item.id for r in records], pa.string()),
-            "shard": pa.array([shard_name] * len(records), pa.string()),
-            "offset": pa.array(offsets, pa.int64()),
-            "n_frames": pa.array(counts, pa.int64()),
-            "frame_shift_s": pa.array([self.frame_shift_s] * len(records), pa.float64()),
-        }
-        self._index.write(pa.table(index, schema=INDEX_SCHEMA))
-        return {name: index[name] for name in FRAME_META_SCHEMA.names}
-
-    def _next_shard(self) -> None:
-        frames_dir = self.output_dir / "frames"
-        frames_dir.mkdir(exist_ok=True)
-        if self._shard is not None:
-            self._shard.close(complete=True)
-        if self._index is None:
-            self._index = _RollingParquet(frames_dir / "index.parquet", INDEX_SCHEMA)
-        self._shard_no += 1
-        self._shard = _RollingParquet(frames_dir / f"shard-{self._shard_no:05d}.parquet")
-
-    def close(self, *, complete: bool) -> None:
-        """Flush buffers and close every file; ``complete`` renames them to their final names."""
-        if self._closed:
-            return
-        self._closed = True
-        if complete:
-            self._flush()
-        for part in (self._features, self._shard, self._index, self._failures):
-            if part is not None:
-                part.close(complete=complete)
+        columns["n_frames"] = pa.array(counts, pa.int64())
+        columns["frame_shift_s"] = pa.array([self.frame_shift_s] * len(records), pa.float64())
+        columns["shard"] = pa.array([f"frames/shard-{seq:06d}.parquet"] * len(records), pa.string())
+        columns["offset"] = pa.array(offsets, pa.int64())
+        return pa.table(columns), pa.table(frame_cols)
 
     def output_files(self) -> list[Path]:
         """The finished output files."""
-        files = [self.output_dir / "features.parquet", self.output_dir / "failures.parquet"]
-        frames = self.output_dir / "frames"
-        if frames.is_dir():
-            files += sorted(frames.glob("*.parquet"))
-        return [f for f in files if f.exists()]
+        return self.store.output_files()

@@ -211,6 +211,16 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         )
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        dead = datamodule.items_of_dead_workers(str(exc)) if isinstance(exc, RuntimeError) else []
+        if dead:
+            writer.record_crashes(
+                [(items[i], datamodule.dataset.key_of(i)) for i in dead], str(exc)
+            )
+            names = ", ".join(repr(items[i].id) for i in dead)
+            raise UserError(
+                f"a loader worker died while processing {names} ({exc}). The item is recorded "
+                "in the failures; rerun the same command to resume the rest."
+            ) from None
         raise
     wall = time.perf_counter() - started
     own_rss, worker_rss = _peak_rss_mb()

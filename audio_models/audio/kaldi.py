@@ -85,6 +85,7 @@ class KaldiFeatures(torch.nn.Module):
         if num_ceps is not None and not 1 <= num_ceps <= num_mel_bins:
             raise ValueError("num_ceps must lie in [1, num_mel_bins]")
         self.padded_size = _next_power_of_2(self.window_size)
+        self.frames_per_block = 32768  # frames of the whole batch processed together
         self.preemphasis = preemphasis_coefficient
         self.remove_dc_offset = remove_dc_offset
         self.raw_energy = raw_energy
@@ -135,9 +136,19 @@ class KaldiFeatures(torch.nn.Module):
         n_max = max(counts, default=0)
         if n_max == 0:
             return [waveforms.new_zeros((0, self.output_dim)) for _ in counts]
+        all_frames = waveforms.float().unfold(1, self.window_size, self.window_shift)[:, :n_max]
+        # Frames are independent: process them in blocks so that a 30-minute recording needs
+        # memory for one block of intermediates, not for all of its frames at once.
+        block = max(1, self.frames_per_block // max(1, waveforms.shape[0]))
+        feats = torch.cat(
+            [self._frame_features(all_frames[:, i : i + block]) for i in range(0, n_max, block)],
+            dim=1,
+        )
+        return [feats[i, :n] for i, n in enumerate(counts)]
+
+    def _frame_features(self, frames: torch.Tensor) -> torch.Tensor:
         # Exact arithmetic matters more than speed here: no autocast inside.
-        with torch.autocast(device_type=waveforms.device.type, enabled=False):
-            frames = waveforms.float().unfold(1, self.window_size, self.window_shift)[:, :n_max]
+        with torch.autocast(device_type=frames.device.type, enabled=False):
             if self.remove_dc_offset:
                 frames = frames - frames.mean(-1, keepdim=True)
             if self.raw_energy:
@@ -157,7 +168,7 @@ class KaldiFeatures(torch.nn.Module):
                     feats[..., 0] = energy
             elif self.use_energy:
                 feats = torch.cat((energy.unsqueeze(-1), feats), dim=-1)
-        return [feats[i, :n] for i, n in enumerate(counts)]
+        return feats
 
     @property
     def output_dim(self) -> int:

@@ -127,7 +127,8 @@ class FolderDataset(AudioDataset):
             raise UserError(f"dataset root {str(self.root)!r} does not exist or is not a folder")
         found: set[Path] = set()
         for pattern in self.pattern:
-            found.update(p for p in self.root.glob(pattern) if p.is_file())
+            # Links count even when broken: they become failure rows, not silent omissions.
+            found.update(p for p in self.root.glob(pattern) if p.is_symlink() or p.is_file())
         items = []
         for path in sorted(found):
             rel = path.relative_to(self.root).as_posix()
@@ -136,7 +137,8 @@ class FolderDataset(AudioDataset):
                 names = list(self.label_regex.groupindex)
                 match = self.label_regex.search(rel)
                 labels = {k: (match.group(k) if match else None) for k in names}
-            items.append(Item(id=rel, path=str(path.resolve()), labels=_check_labels(labels, rel)))
+            labels = _check_labels(labels, rel)
+            items.append(Item(id=rel, path=os.path.abspath(path), labels=labels))
         return items
 
 
@@ -224,7 +226,8 @@ class ManifestDataset(AudioDataset):
             items.append(
                 Item(
                     id=item_id,
-                    path=str(audio.resolve()),
+                    # No resolve(): a broken or looping link is the item's failure, later.
+                    path=os.path.abspath(audio),
                     start=start,
                     end=end,
                     labels=_check_labels(labels, str(self.path)),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from audio_models.audio.io import ChannelPolicy, decode
 from audio_models.data.items import Item
@@ -126,6 +128,10 @@ class ItemDataset(Dataset[Record]):
         self.done_keys = done_keys
         self.preflight = preflight or Preflight()
         self._hashes: dict[tuple[str, int, int], str] = {}
+        # Shared with the loader workers (set by ExtractionDataModule): each worker's pid and
+        # the item it is on, so that a worker that dies can be reported with its item.
+        self.worker_pids: Any = None
+        self.worker_items: Any = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -140,9 +146,20 @@ class ItemDataset(Dataset[Record]):
                 self._hashes[cache_key] = hashlib.file_digest(handle, "sha256").hexdigest()
         return self._hashes[cache_key]
 
+    def key_of(self, index: int) -> str:
+        """The item key of ``items[index]`` (reads the file to hash it)."""
+        item = self.items[index]
+        try:
+            return item_key(item, self._content_hash(item.path), self.config_hash)
+        except OSError:
+            return item_key(item, "unreadable", self.config_hash)
+
     def __getitem__(self, index: int) -> Record:
         item = self.items[index]
         record = Record(item=item)
+        worker = get_worker_info()
+        if worker is not None and self.worker_items is not None:
+            self.worker_items[worker.id] = index
         try:
             content = self._content_hash(item.path)
         except OSError as exc:
@@ -231,10 +248,13 @@ def collate(records: list[Record]) -> Batch:
     return Batch(records=records, waveforms=waveforms, lengths=lengths, rows=rows)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(worker_id: int) -> None:
     # Each worker is one process doing one item at a time: oversubscribing the cores with
     # intra-op threads only slows the pool down.
     torch.set_num_threads(1)
+    worker = get_worker_info()
+    if worker is not None and worker.dataset.worker_pids is not None:
+        worker.dataset.worker_pids[worker_id] = os.getpid()
 
 
 class ExtractionDataModule(L.LightningDataModule):
@@ -276,6 +296,21 @@ class ExtractionDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = pin_memory
+        if self.num_workers > 0:
+            # Plain shared memory, inherited by the forked workers; -1 means "nothing yet".
+            self.dataset.worker_pids = mp.Array("q", [-1] * self.num_workers, lock=False)
+            self.dataset.worker_items = mp.Array("q", [-1] * self.num_workers, lock=False)
+
+    def items_of_dead_workers(self, message: str) -> list[int]:
+        """Indexes of the items that the workers named in a DataLoader error were on."""
+        if self.dataset.worker_pids is None or "pid" not in message:
+            return []
+        # "DataLoader worker (pid 123) is killed…" or "(pid(s) 123, 456) exited unexpectedly"
+        match = re.search(r"pid(?:\(s\))?\s*([\d,\s]+)", message)
+        named = {int(p) for p in re.findall(r"\d+", match.group(1))} if match else set()
+        pids = list(self.dataset.worker_pids)
+        items = list(self.dataset.worker_items)
+        return [items[w] for w, pid in enumerate(pids) if pid in named and items[w] >= 0]
 
     def transfer_batch_to_device(
         self, batch: Batch, device: torch.device, dataloader_idx: int

@@ -30,20 +30,39 @@ class ExtractionModule(L.LightningModule):
         if batch.waveforms is None:
             return batch.records
         records = [batch.records[i] for i in batch.rows]
-        try:
-            outputs = self.extractor.forward(batch.waveforms, batch.lengths)
-            self._store(records, outputs)
-        except Exception:
-            for row, record in enumerate(records):
-                n = int(batch.lengths[row])
-                try:
-                    out = self.extractor.forward(
-                        batch.waveforms[row : row + 1, :n], batch.lengths[row : row + 1]
-                    )
-                    self._store([record], out)
-                except Exception as exc:
-                    fail(record, "forward", exc)
+        self._run(records, batch.waveforms, batch.lengths)
         return batch.records
+
+    def _run(self, records: list[Record], waveforms: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Forward ``records``; on out-of-memory split the batch in halves, on any other error
+        retry item by item, so that only the items that really fail are lost."""
+        try:
+            outputs = self.extractor.forward(waveforms, lengths)
+        except torch.OutOfMemoryError as exc:
+            if len(records) == 1:
+                fail(records[0], "forward", exc)
+                return
+            if waveforms.is_cuda:
+                torch.cuda.empty_cache()
+            half = len(records) // 2
+            for part in (slice(0, half), slice(half, None)):
+                longest = int(lengths[part].max())  # trim the padding the half does not need
+                self._run(records[part], waveforms[part, :longest], lengths[part])
+            return
+        except Exception:
+            outputs = None  # some item breaks the batch: find it below
+        if outputs is not None and len(outputs) == len(records):
+            self._store(records, outputs)
+            return
+        for row, record in enumerate(records):
+            n = int(lengths[row])
+            try:
+                self._store(
+                    [record],
+                    self.extractor.forward(waveforms[row : row + 1, :n], lengths[row : row + 1]),
+                )
+            except Exception as exc:
+                fail(record, "forward", exc)
 
     @staticmethod
     def _store(records: list[Record], outputs: list[Any]) -> None:

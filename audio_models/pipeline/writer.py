@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from audio_models.data.items import Item
-from audio_models.data.loader import Record, fail
+from audio_models.data.loader import Failure, Record, fail
 from audio_models.extractor import OutputKind
 from audio_models.utils.errors import UserError
 
@@ -152,6 +153,8 @@ class OutputStore:
             UserError: the directory holds outputs of different settings.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for finished in self.output_dir.glob(PROGRESS + ".done*"):
+            shutil.rmtree(finished)  # a finalize that a kill interrupted after its commit
         if not self.resume:
             shutil.rmtree(self.progress, ignore_errors=True)
             shutil.rmtree(self.frames, ignore_errors=True)
@@ -169,7 +172,8 @@ class OutputStore:
             metadata = pq.read_schema(finished).metadata or {}
             self._check_hash(metadata.get(HASH_KEY, b"").decode() or None, str(finished))
             self.previous_run_id = metadata.get(RUN_KEY, b"").decode() or None
-            self.progress.mkdir()
+            self.progress.mkdir(exist_ok=True)
+            self.save_state(self.previous_run_id)  # before the moves: a kill keeps the guard
             if features.exists():
                 features.replace(self.progress / "part-000000.parquet")
             if failures.exists():
@@ -182,13 +186,19 @@ class OutputStore:
                     tmp.unlink()  # a write that a kill interrupted
         parts = _seq_files(self.progress, "part")
         fails = _seq_files(self.progress, "fail")
-        for seq, shard in _seq_files(self.frames, "shard").items():
-            if seq not in parts:
-                shard.unlink()  # written, but its part never committed
+        shards = _seq_files(self.frames, "shard")
+        referenced: set[str] = set()
+        for path in parts.values():
+            if "shard" in pq.read_schema(path).names:
+                referenced.update(pq.read_table(path, columns=["shard"]).column(0).to_pylist())
+        for shard in shards.values():
+            if f"frames/{shard.name}" not in referenced:
+                shard.unlink()  # written, but the part that indexes it never committed
         for path in [*parts.values(), *fails.values()]:
             self.done_keys.update(pq.read_table(path, columns=["item_key"]).column(0).to_pylist())
         self.resumed = bool(self.done_keys)
-        self._next = max([*parts, *fails, -1]) + 1
+        # New batches never reuse a number that a part, failure file or shard already has.
+        self._next = max([*parts, *fails, *shards, -1]) + 1
 
     def _check_hash(self, found: str | None, where: str) -> None:
         if found != self.config_hash:
@@ -234,7 +244,11 @@ class OutputStore:
             _concat(fails, failures, metadata, row_group_rows)
         else:
             _atomic_write(FAILURE_SCHEMA.empty_table().replace_schema_metadata(metadata), failures)
-        shutil.rmtree(self.progress)
+        # The rename is the commit: before it a rerun redoes the consolidation from the parts,
+        # after it the final files stand. Only then is the folder deleted.
+        done = self.output_dir / f"{PROGRESS}.done-{os.getpid()}"
+        self.progress.replace(done)
+        shutil.rmtree(done)
 
     def output_files(self) -> list[Path]:
         files = [f for f in self.final_files if f.exists()]
@@ -353,6 +367,15 @@ class ParquetFeatureWriter(BasePredictionWriter):
         if done:
             part, frames = self._tables(done, seq)
         self.store.commit(seq, part, self._failure_table(failures) if failures else None, frames)
+
+    def record_crashes(self, crashed: list[tuple[Item, str]], message: str) -> None:
+        """Commit failure rows for items whose worker process died, so a rerun skips them."""
+        records = []
+        for item, key in crashed:
+            record = Record(item=item, key=key)
+            record.failure = Failure("worker", "WorkerDied", message[:2000])
+            records.append(record)
+        self.store.commit(self.store.next_seq(), None, self._failure_table(records), None)
 
     def _check_shape(self, record: Record) -> None:
         features = record.features

@@ -81,7 +81,10 @@ def fingerprint_files(paths: Iterable[Path], root: Path | None = None) -> str:
     """
     digest = hashlib.sha256()
     for path in sorted({Path(p) for p in paths}):
-        stat = path.stat()
         name = path.relative_to(root).as_posix() if root is not None else path.as_posix()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = path.stat()
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # missing or a symlink loop: the item fails later, the hash notes it
+            digest.update(f"{name}\0unreadable\n".encode())
     return digest.hexdigest()

@@ -1,0 +1,438 @@
+"""Never lose work: kill -9 and resume, bad recordings, OOM splitting, dying workers, safety."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from audio_models.audio.kaldi import KaldiExtractor
+from audio_models.audio.smile import OpenSmileExtractor
+from audio_models.utils.errors import UserError
+from runners.extract import extract
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _frames(out: Path) -> pd.DataFrame:
+    table = pd.read_parquet(out / "features.parquet").sort_values("id")
+    parts = []
+    for row in table.itertuples():
+        shard = pd.read_parquet(out / row.shard)
+        parts.append(shard.iloc[row.offset : row.offset + row.n_frames])
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def _run_killing(tmp_path: Path, overrides: list[str], kills: int, seed: int) -> list[int]:
+    """Run the CLI, SIGKILL its process group after a random number of committed batches,
+    repeat until a run completes. Returns the part counts at which it was killed."""
+    command = [sys.executable, "-m", "runners.extract", *overrides]
+    rng = random.Random(seed)
+    killed_at = []
+    progress = (
+        Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
+        / ".progress"
+    )
+    for attempt in range(kills + 1):
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        target = (
+            len(list(progress.glob("part-*.parquet"))) + rng.randint(1, 4)
+            if attempt < kills
+            else None
+        )
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if target is not None and len(list(progress.glob("part-*.parquet"))) >= target:
+                time.sleep(rng.uniform(0.0, 0.3))  # land anywhere, mid-write included
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_at.append(target)
+                break
+            time.sleep(0.02)
+        else:
+            _, err = proc.communicate()
+            assert proc.returncode == 0, err.decode()[-3000:]
+            return killed_at
+    raise AssertionError("the run never completed")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_writes_every_item_once(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = [
+        "extractor=egemaps",
+        "dataset.n_clips=40",
+        f"dataset.root={tmp_path}/demo",
+        "loader.batch_size=2",
+        "loader.num_workers=1",
+        "progress_bar=false",
+        "device=cpu",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={tmp_path}/art",
+        "tracking.experiment=resume",
+    ]
+    killed = _run_killing(tmp_path, [*common, f"output_dir={out}"], kills=3, seed=1)
+    assert len(killed) == 3
+    assert not (out / ".progress").exists()
+    resumed = pd.read_parquet(out / "features.parquet")
+    assert resumed["id"].is_unique and len(resumed) == 40
+    assert pd.read_parquet(out / "failures.parquet").empty
+    # The uninterrupted reference, same settings.
+    reference = [o for o in common if not o.startswith("tracking.")]
+    reference += [f"output_dir={tmp_path}/ref", "tracking=off"]
+    subprocess.run(
+        [sys.executable, "-m", "runners.extract", *reference],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    ref = pd.read_parquet(tmp_path / "ref" / "features.parquet")
+    pd.testing.assert_frame_equal(
+        resumed.sort_values("id").reset_index(drop=True),
+        ref.sort_values("id").reset_index(drop=True),
+        check_exact=True,
+    )
+    # One MLflow run, resumed by id, finished, counting all items.
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["resume"])
+    assert len(runs) == 1
+    assert runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["metrics.n_items"] == 40
+    assert runs.iloc[0]["tags.resumed"] == "true"
+
+
+@pytest.mark.slow
+def test_kill_and_resume_frames(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    common = [
+        "extractor=fbank",
+        "dataset.n_clips=16",
+        f"dataset.root={tmp_path}/demo",
+        "loader.batch_size=1",
+        "loader.num_workers=1",
+        "progress_bar=false",
+        "device=cpu",
+        "tracking=off",
+    ]
+    _run_killing(tmp_path, [*common, f"output_dir={out}"], kills=2, seed=7)
+    subprocess.run(
+        [sys.executable, "-m", "runners.extract", *common, f"output_dir={tmp_path}/ref"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    index = pd.read_parquet(out / "frames" / "index.parquet")
+    assert index["id"].is_unique and len(index) == 16
+    shards = {p.name for p in (out / "frames").glob("shard-*.parquet")}
+    assert shards == {Path(s).name for s in index["shard"]}  # no orphan shard left behind
+    a, b = _frames(out), _frames(tmp_path / "ref")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_rerun_skips_and_grown_corpus_adds(make_cfg, tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    t = np.arange(16000) / 16000
+    for i in range(3):
+        sf.write(
+            root / f"a{i}.wav",
+            (0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t)).astype(np.float32),
+            16000,
+        )
+    first = extract(make_cfg("dataset=folder", f"dataset.root={root}"))
+    assert first.metrics["n_items"] == 3
+    again = extract(make_cfg("dataset=folder", f"dataset.root={root}"))
+    assert again.metrics["n_skipped_resumed"] == 3 and again.metrics["n_items"] == 3
+    sf.write(root / "b.wav", (0.3 * np.sin(2 * np.pi * 400 * t)).astype(np.float32), 16000)
+    grown = extract(make_cfg("dataset=folder", f"dataset.root={root}"))
+    assert grown.metrics["n_skipped_resumed"] == 3
+    table = pd.read_parquet(grown.output_dir / "features.parquet")
+    assert sorted(table["id"]) == ["a0.wav", "a1.wav", "a2.wav", "b.wav"]
+    # Edited audio changes the item's key: it is processed again... into a mixed file? No:
+    with pytest.raises(UserError, match="different settings"):
+        extract(make_cfg("dataset=folder", f"dataset.root={root}", "extractor=compare"))
+    fresh = extract(
+        make_cfg("dataset=folder", f"dataset.root={root}", "extractor=compare", "resume=false")
+    )
+    assert fresh.metrics["n_skipped_resumed"] == 0
+    assert pd.read_parquet(fresh.output_dir / "features.parquet").shape[1] > 6000
+
+
+def test_grown_corpus_keeps_finished_frames(make_cfg, tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    t = np.arange(16000) / 16000
+    for i in range(3):
+        sf.write(
+            root / f"a{i}.wav",
+            (0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t)).astype(np.float32),
+            16000,
+        )
+    overrides = ["extractor=fbank", "dataset=folder", f"dataset.root={root}", "loader.batch_size=1"]
+    extract(make_cfg(*overrides))
+    sf.write(root / "b.wav", (0.3 * np.sin(2 * np.pi * 400 * t)).astype(np.float32), 16000)
+    grown = extract(make_cfg(*overrides))
+    reference = extract(make_cfg(*overrides, out="ref"))
+    assert grown.metrics["n_skipped_resumed"] == 3
+    pd.testing.assert_frame_equal(
+        _frames(grown.output_dir), _frames(reference.output_dir), check_exact=True
+    )
+
+
+def _write(path: Path, signal: np.ndarray, sr: int = 16000, **kwargs) -> None:
+    sf.write(path, signal, sr, **kwargs)
+
+
+def test_bad_and_awkward_recordings(make_cfg, tmp_path: Path) -> None:
+    root = tmp_path / "corpus dir"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    t = np.arange(32000) / 16000
+    voice = (0.3 * np.sin(2 * np.pi * 160 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(
+        np.float32
+    )
+    # Must fail, each with a failure row:
+    (root / "zero.wav").write_bytes(b"")
+    good = root / "ok.wav"
+    _write(good, voice)
+    (root / "truncated.wav").write_bytes(good.read_bytes()[:30])
+    (root / "text.wav").write_text("definitely not audio\n" * 20)
+    (root / "random.flac").write_bytes(rng.bytes(5000))
+    _write(root / "one_sample.wav", voice[:1])
+    nan = voice.copy()
+    nan[100] = np.nan
+    nan[200] = np.inf
+    _write(root / "nan.wav", nan, subtype="FLOAT")
+    loop = root / "loop.wav"
+    loop.symlink_to(loop)
+    # Must succeed:
+    _write(root / "pcm8.wav", voice, subtype="PCM_U8")
+    _write(root / "pcm24.wav", voice, subtype="PCM_24")
+    _write(root / "float32.wav", voice, subtype="FLOAT")
+    _write(root / "stereo48k.wav", np.stack([voice, voice * 0.5], 1).repeat(3, axis=0), sr=48000)
+    _write(root / "zeros.wav", np.zeros(160000, dtype=np.float32))
+    _write(root / "spaces and ünïcödé ñ.wav", voice)
+    _write(root / "voice.mp3", voice, format="MP3")
+    _write(root / "voice.ogg", voice, format="OGG")
+    manifest = tmp_path / "m.csv"
+    names = sorted(p.name for p in root.iterdir())
+    rows = [f'"{root / n}",,' for n in names] + [f'"{root / "missing.wav"}",,', f'"{good}",1.5,3.5']
+    manifest.write_text("path,start,end\n" + "\n".join(rows) + "\n")
+    for name in ("egemaps", "fbank"):
+        with pytest.warns(UserWarning):
+            result = extract(
+                make_cfg(
+                    f"extractor={name}", "dataset=manifest", f"dataset.path={manifest}", out=name
+                )
+            )
+        written = set(
+            pd.read_parquet(result.output_dir / "features.parquet")["id"].map(
+                lambda p: Path(p).name
+            )
+        )
+        failures = pd.read_parquet(result.output_dir / "failures.parquet")
+        failed = dict(
+            zip(
+                failures["id"].map(lambda p: Path(p.split("@")[0]).name),
+                failures["stage"],
+                strict=True,
+            )
+        )
+        assert written == {
+            "ok.wav",
+            "pcm8.wav",
+            "pcm24.wav",
+            "float32.wav",
+            "stereo48k.wav",
+            "zeros.wav",
+            "spaces and ünïcödé ñ.wav",
+            "voice.mp3",
+            "voice.ogg",
+        }, (name, failed)
+        assert set(failed) == {
+            "zero.wav",
+            "truncated.wav",
+            "text.wav",
+            "random.flac",
+            "one_sample.wav",
+            "nan.wav",
+            "loop.wav",
+            "missing.wav",
+            "ok.wav",
+        }, name
+        assert failed["one_sample.wav"] == "preflight"
+        assert failed["ok.wav"] == "segment"
+        assert failed["missing.wav"] == "decode"
+        table = pd.read_parquet(result.output_dir / "features.parquet").set_index(
+            pd.read_parquet(result.output_dir / "features.parquet")["id"].map(
+                lambda p: Path(p).name
+            )
+        )
+        assert table.loc["zeros.wav", "silence_ratio"] == 1.0
+        assert table.loc["stereo48k.wav", "n_channels"] == 2
+
+
+def test_preflight_policies_skip_on_purpose(make_cfg) -> None:
+    with pytest.warns(UserWarning, match="PolicySkip"):
+        result = extract(make_cfg("preflight.min_duration_s=3.0", "max_failure_ratio=1.0"))
+    failures = pd.read_parquet(result.output_dir / "failures.parquet")
+    features = pd.read_parquet(result.output_dir / "features.parquet")
+    assert len(failures) + len(features) == 24
+    assert (failures["error_type"] == "PolicySkip").all() and (features["duration_s"] >= 3.0).all()
+
+
+def test_thirty_minute_recording(make_cfg, tmp_path: Path) -> None:
+    root = tmp_path / "long"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    n = 16000 * 1800
+    t = np.arange(n, dtype=np.float64) / 16000
+    signal = (0.2 * np.sin(2 * np.pi * 140 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.5 * t))).astype(
+        np.float32
+    )
+    signal += 0.01 * rng.standard_normal(n).astype(np.float32)
+    sf.write(root / "long.wav", signal, 16000, subtype="PCM_16")
+    for name in ("fbank", "egemaps"):
+        result = extract(
+            make_cfg(f"extractor={name}", "dataset=folder", f"dataset.root={root}", out=name)
+        )
+        table = pd.read_parquet(result.output_dir / "features.parquet")
+        assert table["duration_s"].iloc[0] == pytest.approx(1800.0)
+        if name == "fbank":
+            assert table["n_frames"].iloc[0] == 179998
+
+
+class _OomBelowTwo(KaldiExtractor):
+    """fbank that runs out of memory for batches of more than two items."""
+
+    calls: ClassVar[list[int]] = []
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        type(self).calls.append(waveforms.shape[0])
+        if waveforms.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(waveforms, lengths)
+
+
+def test_out_of_memory_splits_the_batch(make_cfg) -> None:
+    _OomBelowTwo.calls.clear()
+    cfg = make_cfg(
+        "extractor=fbank", f"extractor._target_={__name__}._OomBelowTwo", "loader.batch_size=8"
+    )
+    result = extract(cfg)
+    assert result.metrics["n_failed"] == 0 and result.metrics["n_items"] == 24
+    assert 8 in _OomBelowTwo.calls and 4 in _OomBelowTwo.calls and 2 in _OomBelowTwo.calls
+    reference = extract(make_cfg("extractor=fbank", "loader.batch_size=2", out="ref"))
+    pd.testing.assert_frame_equal(
+        _frames(result.output_dir), _frames(reference.output_dir), check_exact=True
+    )
+
+
+class _PoisonedSmile(OpenSmileExtractor):
+    """eGeMAPS whose worker process dies on a constant 0.5 signal."""
+
+    def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
+        if signal.size and np.all(signal == 0.5):
+            os.kill(os.getpid(), signal_module.SIGKILL)
+        return super().transform(signal, sample_rate)
+
+
+signal_module = signal
+
+
+def test_dead_worker_is_reported_with_its_item(make_cfg, tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    t = np.arange(16000) / 16000
+    for i in range(4):
+        sf.write(
+            root / f"good{i}.wav",
+            (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32),
+            16000,
+            subtype="FLOAT",
+        )
+    sf.write(root / "poison.wav", np.full(16000, 0.5, dtype=np.float32), 16000, subtype="FLOAT")
+    overrides = [
+        f"extractor._target_={__name__}._PoisonedSmile",
+        "dataset=folder",
+        f"dataset.root={root}",
+        "loader.num_workers=1",
+        "loader.batch_size=1",
+        "max_failure_ratio=1.0",
+    ]
+    with pytest.raises(UserError, match=r"worker died while processing 'poison\.wav'"):
+        extract(make_cfg(*overrides))
+    result = extract(make_cfg(*overrides))  # the rerun resumes and completes
+    failures = pd.read_parquet(result.output_dir / "failures.parquet")
+    assert list(failures["id"]) == ["poison.wav"] and failures["stage"].iloc[0] == "worker"
+    assert len(pd.read_parquet(result.output_dir / "features.parquet")) == 4
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    offenders = []
+    for path in (REPO / "audio_models").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}:{number}")
+            if re.search(r"weights_only\s*=\s*False", line):
+                offenders.append(f"{path}:{number}")
+    assert not offenders, offenders
+
+
+def test_manifest_ids_cannot_escape_the_output_dir(make_cfg, tmp_path: Path) -> None:
+    audio = tmp_path / "a.wav"
+    sf.write(audio, (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,path\n../../escaped,{audio}\n/abs/escaped,{audio}\n")
+    result = extract(
+        make_cfg(
+            "extractor=fbank",
+            "dataset=manifest",
+            f"dataset.path={manifest}",
+            "dataset.id_column=id",
+        )
+    )
+    assert sorted(pd.read_parquet(result.output_dir / "features.parquet")["id"]) == [
+        "../../escaped",
+        "/abs/escaped",
+    ]
+    assert not list(tmp_path.rglob("escaped*")) and not Path("/abs").exists()
+    assert all(p.resolve().is_relative_to(result.output_dir.resolve()) for p in result.files)
+
+
+def test_secrets_never_reach_mlflow(make_cfg, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = make_cfg(
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={tmp_path}/art",
+        "+hf_token=hf_SECRETVALUE123",
+        "+extra.api_key=SECRETKEY456",
+    )
+    result = extract(cfg)
+    run = mlflow.MlflowClient(uri).get_run(result.run_id)
+    everything = (
+        str(run.data.params) + str(run.data.tags) + (result.output_dir / "config.yaml").read_text()
+    )
+    assert "SECRETVALUE123" not in everything and "SECRETKEY456" not in everything
+    assert run.data.params["hf_token"] == "***"

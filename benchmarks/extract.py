@@ -6,7 +6,8 @@ Builds a corpus of real speech (concatenations of ``../shared/data/speech`` reco
 16 kHz) and prints, from one process, audio seconds per second of
 ``python -m runners.extract extractor=egemaps`` (in-process, tracking off, whole ``extract()``
 call timed) and of ``opensmile.Smile(num_workers=N, multiprocessing=True).process_files``,
-the ratios, and the runner's peak memory (main process plus loader workers, sampled).
+each the best of ``--repeats`` alternating runs, the ratios, and the runner's peak memory
+(main process plus loader workers, sampled).
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-files", type=int, default=120)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--corpus", type=Path, default=None, help="reuse/keep the corpus here")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per path")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,14 +148,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"corpus: {len(files)} files, {audio_s:.1f} s of audio ({mean:.1f} s mean)")
         results: dict[int, dict[str, float]] = {}
         for workers in args.workers:
-            smile_wall = run_opensmile(files, workers)
-            runner_wall, loop_wall, peak = run_runner(corpus, workers, Path(tmp) / f"out{workers}")
+            # Alternate the two paths and keep each one's best of --repeats: the machine's
+            # speed drifts, and one noisy run should not decide a ratio.
+            smile_walls, runner_walls, loop_walls, peaks = [], [], [], []
+            for repeat in range(args.repeats):
+                smile_walls.append(run_opensmile(files, workers))
+                wall, loop, peak = run_runner(corpus, workers, Path(tmp) / f"out{workers}-{repeat}")
+                runner_walls.append(wall)
+                loop_walls.append(loop)
+                peaks.append(peak)
             results[workers] = {
-                "runner": audio_s / runner_wall,
-                "loop": audio_s / loop_wall,
-                "opensmile": audio_s / smile_wall,
-                "peak": peak,
+                "runner": audio_s / min(runner_walls),
+                "loop": audio_s / min(loop_walls),
+                "opensmile": audio_s / min(smile_walls),
+                "peak": max(peaks),
             }
+            peak = max(peaks)
             r = results[workers]
             print(
                 f"workers={workers}: runner {r['runner']:.1f} audio s/s "

@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -148,6 +149,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         label_columns=dataset.label_columns,
         extra_columns=extractor.extra_columns,
         row_group_rows=cfg.writer.row_group_rows,
+        commit_rows=cfg.loader.batch_size,
     )
     callbacks: list[L.Callback] = [writer]
     if cfg.progress_bar:
@@ -205,6 +207,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         log.info("resuming in %s: %d items already committed", output_dir, len(store.done_keys))
 
     started = time.perf_counter()
+    # Loader workers are forked from this process: freezing its objects keeps the workers'
+    # garbage collector from walking (and copy-on-write touching) everything imported here.
+    gc.freeze()
     try:
         trainer.predict(
             ExtractionModule(extractor), datamodule=datamodule, return_predictions=False
@@ -222,6 +227,8 @@ def extract(cfg: DictConfig) -> ExtractionResult:
                 "in the failures; rerun the same command to resume the rest."
             ) from None
         raise
+    finally:
+        gc.unfreeze()
     wall = time.perf_counter() - started
     own_rss, worker_rss = _peak_rss_mb()
     written, failed, audio = _totals(store)

@@ -322,9 +322,13 @@ class ExtractionDataModule(L.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> DataLoader[Record]:
+        # Per-item CPU work is handed out item by item: whole batches per worker leave one
+        # worker idle while the other finishes the last batch. The writer still commits in
+        # groups of batch_size. Device extractors need real batches for their forward.
+        per_worker = self.batch_size if self.dataset.extractor.uses_forward else 1
         return DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
+            batch_size=per_worker,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate,

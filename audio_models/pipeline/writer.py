@@ -292,6 +292,8 @@ class ParquetFeatureWriter(BasePredictionWriter):
         label_columns: label column names in output order.
         extra_columns: text columns the extractor adds (a predicted label, say).
         row_group_rows: rows per row group of the consolidated ``features.parquet``.
+        commit_rows: records gathered per committed part (the loader's batch size): a kill
+            loses at most this many finished items, which a rerun computes again.
     """
 
     def __init__(
@@ -305,9 +307,12 @@ class ParquetFeatureWriter(BasePredictionWriter):
         label_columns: list[str],
         extra_columns: list[str] | None = None,
         row_group_rows: int = 512,
+        commit_rows: int = 1,
     ) -> None:
         super().__init__(write_interval="batch")
         self.store = store
+        self.commit_rows = commit_rows
+        self._pending: list[Record] = []
         self.kind = kind
         self.feature_names = feature_names
         self.frame_shift_s = frame_shift_s
@@ -342,11 +347,19 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.consume(prediction)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit()
         self.store.finalize(row_group_rows=self.row_group_rows, run_id=self.run_id)
 
     # -- writing ---------------------------------------------------------------------------
     def consume(self, records: list[Record]) -> None:
-        """Commit one batch: successes to a part (and shard), failures to a fail file."""
+        """Take a batch's records; commit once ``commit_rows`` of them are pending."""
+        self._pending.extend(records)
+        if len(self._pending) >= self.commit_rows:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit the pending records: successes to a part (and shard), failures to a fail file."""
+        records, self._pending = self._pending, []
         done, failures = [], []
         for record in records:
             if record.skipped:

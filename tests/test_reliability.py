@@ -22,6 +22,7 @@ import torch
 from audio_models.audio.kaldi import KaldiExtractor
 from audio_models.audio.smile import OpenSmileExtractor
 from audio_models.utils.errors import UserError
+from benchmarks.reliability import build_bad_corpus, voice
 from runners.extract import extract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,97 +200,36 @@ def test_grown_corpus_keeps_finished_frames(make_cfg, tmp_path: Path) -> None:
     )
 
 
-def _write(path: Path, signal: np.ndarray, sr: int = 16000, **kwargs) -> None:
-    sf.write(path, signal, sr, **kwargs)
-
-
 def test_bad_and_awkward_recordings(make_cfg, tmp_path: Path) -> None:
     root = tmp_path / "corpus dir"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    t = np.arange(32000) / 16000
-    voice = (0.3 * np.sin(2 * np.pi * 160 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(
-        np.float32
-    )
-    # Must fail, each with a failure row:
-    (root / "zero.wav").write_bytes(b"")
+    expected = build_bad_corpus(root)
     good = root / "ok.wav"
-    _write(good, voice)
-    (root / "truncated.wav").write_bytes(good.read_bytes()[:30])
-    (root / "text.wav").write_text("definitely not audio\n" * 20)
-    (root / "random.flac").write_bytes(rng.bytes(5000))
-    _write(root / "one_sample.wav", voice[:1])
-    nan = voice.copy()
-    nan[100] = np.nan
-    nan[200] = np.inf
-    _write(root / "nan.wav", nan, subtype="FLOAT")
-    loop = root / "loop.wav"
-    loop.symlink_to(loop)
-    # Must succeed:
-    _write(root / "pcm8.wav", voice, subtype="PCM_U8")
-    _write(root / "pcm24.wav", voice, subtype="PCM_24")
-    _write(root / "float32.wav", voice, subtype="FLOAT")
-    _write(root / "stereo48k.wav", np.stack([voice, voice * 0.5], 1).repeat(3, axis=0), sr=48000)
-    _write(root / "zeros.wav", np.zeros(160000, dtype=np.float32))
-    _write(root / "spaces and ünïcödé ñ.wav", voice)
-    _write(root / "voice.mp3", voice, format="MP3")
-    _write(root / "voice.ogg", voice, format="OGG")
+    sf.write(good, voice(2.0), 16000)
     manifest = tmp_path / "m.csv"
-    names = sorted(p.name for p in root.iterdir())
-    rows = [f'"{root / n}",,' for n in names] + [f'"{root / "missing.wav"}",,', f'"{good}",1.5,3.5']
+    rows = [f'"{p}",,' for p in sorted(root.iterdir())]
+    rows += [f'"{root / "missing.wav"}",,', f'"{good}",1.5,3.5']
     manifest.write_text("path,start,end\n" + "\n".join(rows) + "\n")
     for name in ("egemaps", "fbank"):
+        overrides = [f"extractor={name}", "dataset=manifest", f"dataset.path={manifest}"]
         with pytest.warns(UserWarning):
-            result = extract(
-                make_cfg(
-                    f"extractor={name}", "dataset=manifest", f"dataset.path={manifest}", out=name
-                )
-            )
-        written = set(
-            pd.read_parquet(result.output_dir / "features.parquet")["id"].map(
-                lambda p: Path(p).name
-            )
-        )
+            result = extract(make_cfg(*overrides, "max_failure_ratio=1.0", out=name))
+        table = pd.read_parquet(result.output_dir / "features.parquet")
+        table.index = table["id"].map(lambda p: Path(p).name)
         failures = pd.read_parquet(result.output_dir / "failures.parquet")
-        failed = dict(
-            zip(
-                failures["id"].map(lambda p: Path(p.split("@")[0]).name),
-                failures["stage"],
-                strict=True,
-            )
-        )
-        assert written == {
-            "ok.wav",
-            "pcm8.wav",
-            "pcm24.wav",
-            "float32.wav",
-            "stereo48k.wav",
-            "zeros.wav",
-            "spaces and ünïcödé ñ.wav",
-            "voice.mp3",
-            "voice.ogg",
-        }, (name, failed)
-        assert set(failed) == {
-            "zero.wav",
-            "truncated.wav",
-            "text.wav",
-            "random.flac",
-            "one_sample.wav",
-            "nan.wav",
-            "loop.wav",
-            "missing.wav",
-            "ok.wav",
-        }, name
-        assert failed["one_sample.wav"] == "preflight"
-        assert failed["ok.wav"] == "segment"
-        assert failed["missing.wav"] == "decode"
-        table = pd.read_parquet(result.output_dir / "features.parquet").set_index(
-            pd.read_parquet(result.output_dir / "features.parquet")["id"].map(
-                lambda p: Path(p).name
-            )
-        )
+        names = failures["id"].map(lambda p: Path(p.split("@")[0]).name)
+        failed = dict(zip(names, failures["stage"], strict=True))
+        assert set(table.index) == {n for n, o in expected.items() if o == "ok"} | {"ok.wav"}, name
+        assert failed == {
+            **{n: o for n, o in expected.items() if o != "ok"},
+            "missing.wav": "decode",
+            "ok.wav": "segment",
+        }
         assert table.loc["zeros.wav", "silence_ratio"] == 1.0
         assert table.loc["stereo48k.wav", "n_channels"] == 2
+        # A rerun skips every committed item, failures included: nothing is duplicated.
+        again = extract(make_cfg(*overrides, "max_failure_ratio=1.0", out=name))
+        assert again.metrics["n_skipped_resumed"] == len(table) + len(failures)
+        assert pd.read_parquet(again.output_dir / "failures.parquet")["id"].is_unique
 
 
 def test_preflight_policies_skip_on_purpose(make_cfg) -> None:

@@ -160,15 +160,19 @@ class ItemDataset(Dataset[Record]):
         worker = get_worker_info()
         if worker is not None and self.worker_items is not None:
             self.worker_items[worker.id] = index
+        unreadable: OSError | None = None
         try:
             content = self._content_hash(item.path)
-        except OSError as exc:
-            record.key = item_key(item, "unreadable", self.config_hash)
-            return fail(record, "decode", ExtractionError("decode", f"cannot read file: {exc}"))
+        except OSError as exc:  # missing, a symlink loop, no permission: a failure row below
+            content, unreadable = "unreadable", exc
         record.key = item_key(item, content, self.config_hash)
         if record.key in self.done_keys:
             record.skipped = True
             return record
+        if unreadable is not None:
+            return fail(
+                record, "decode", ExtractionError("decode", f"cannot read file: {unreadable}")
+            )
         try:
             decoded = decode(
                 item.path,

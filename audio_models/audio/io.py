@@ -66,30 +66,33 @@ def decode(
             f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}"
         )
     try:
-        info = sf.info(path)
+        handle = sf.SoundFile(path)
     except Exception as exc:  # libsndfile reports corrupt and non-audio files alike
         raise ExtractionError("decode", f"cannot read audio: {exc}") from exc
-    sr = int(info.samplerate)
-    total = int(info.frames)
-    if total <= 0:
-        raise ExtractionError("decode", "file contains no audio frames")
-    file_duration = total / sr
-    begin_s = 0.0 if start is None else float(start)
-    stop_s = file_duration if end is None else float(end)
-    if begin_s < 0 or stop_s <= begin_s:
-        raise ExtractionError("segment", f"invalid segment [{begin_s}, {stop_s})")
-    if begin_s >= file_duration or stop_s > file_duration + 1.0 / sr:
-        raise ExtractionError(
-            "segment",
-            f"segment [{begin_s:.3f}, {stop_s:.3f}) s lies past the file's end "
-            f"({file_duration:.3f} s)",
-        )
-    first = round(begin_s * sr)
-    last = min(total, round(stop_s * sr))
-    try:
-        data, _ = sf.read(path, start=first, stop=last, dtype="float32", always_2d=True)
-    except Exception as exc:
-        raise ExtractionError("decode", f"cannot decode audio: {exc}") from exc
+    with handle:
+        sr = int(handle.samplerate)
+        total = int(handle.frames)
+        if total <= 0:
+            raise ExtractionError("decode", "file contains no audio frames")
+        file_duration = total / sr
+        begin_s = 0.0 if start is None else float(start)
+        stop_s = file_duration if end is None else float(end)
+        if begin_s < 0 or stop_s <= begin_s:
+            raise ExtractionError("segment", f"invalid segment [{begin_s}, {stop_s})")
+        if begin_s >= file_duration or stop_s > file_duration + 1.0 / sr:
+            raise ExtractionError(
+                "segment",
+                f"segment [{begin_s:.3f}, {stop_s:.3f}) s lies past the file's end "
+                f"({file_duration:.3f} s)",
+            )
+        first = round(begin_s * sr)
+        last = min(total, round(stop_s * sr))
+        try:
+            if first:
+                handle.seek(first)
+            data = handle.read(last - first, dtype="float32", always_2d=True)
+        except Exception as exc:
+            raise ExtractionError("decode", f"cannot decode audio: {exc}") from exc
     if data.shape[0] == 0:
         raise ExtractionError("decode", "decoded no samples")
     n_channels = data.shape[1]

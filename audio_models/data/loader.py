@@ -77,14 +77,18 @@ class Preflight:
 
     def measure(self, signal: np.ndarray, sample_rate: int) -> tuple[float, float]:
         """Silence ratio (of 25 ms frames) and clipping ratio (of samples ≥ 0.999 FS)."""
-        clipping = float(np.mean(np.abs(signal) >= 0.999)) if signal.size else 0.0
+        if signal.size == 0:
+            return 1.0, 0.0
+        clipping = np.count_nonzero((signal >= 0.999) | (signal <= -0.999)) / signal.size
         hop = max(1, int(0.025 * sample_rate))
         n = signal.size // hop
         if n == 0:
-            return 1.0, clipping
-        frames = signal[: n * hop].reshape(n, hop).astype(np.float64)
-        rms_db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-20)
-        return float(np.mean(rms_db < self.silence_db)), clipping
+            return 1.0, float(clipping)
+        frames = signal[: n * hop].reshape(n, hop)
+        # Mean power per frame against the threshold in linear units: no log per frame.
+        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / hop
+        silent = np.count_nonzero(power < 10.0 ** (self.silence_db / 10.0))
+        return silent / n, float(clipping)
 
     def violation(self, duration_s: float, silence: float, clipping: float) -> str | None:
         if duration_s < self.min_duration_s:

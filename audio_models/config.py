@@ -74,6 +74,17 @@ class SerConfig:
     sample_rate: int = 16000
 
 
+@dataclass
+class SslConfig:
+    _target_: str = "audio_models.speech.ssl.SelfSupervisedExtractor"
+    name: str = "xlsr"
+    model: str = "facebook/wav2vec2-large-xlsr-53"
+    revision: str | None = None
+    layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
+    pooling: str = "mean"  # none | mean | mean_std
+    sample_rate: int = 16000
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
@@ -81,6 +92,8 @@ register_extractor("librosa", LibrosaConfig)
 register_extractor("fbank", KaldiConfig)
 register_extractor("mfcc", KaldiConfig)
 register_extractor("ser", SerConfig)
+for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
+    register_extractor(_ssl, SslConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 

@@ -72,6 +72,12 @@ class Extractor:
         return None
 
     @property
+    def feature_groups(self) -> list[tuple[str, int]] | None:
+        """For vectors: consecutive ``(column, size)`` slices written as fixed-size list columns
+        (one per model layer, say) instead of one column per value."""
+        return None
+
+    @property
     def extra_columns(self) -> list[str]:
         """Text columns an :class:`Output` carries, written before the features."""
         return []

@@ -150,6 +150,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         extra_columns=extractor.extra_columns,
         row_group_rows=cfg.writer.row_group_rows,
         commit_rows=cfg.loader.batch_size,
+        feature_groups=extractor.feature_groups,
     )
     callbacks: list[L.Callback] = [writer]
     if cfg.progress_bar:

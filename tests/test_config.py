@@ -17,6 +17,7 @@ from audio_models.extractor import OutputKind
 from audio_models.pipeline.device import DeviceSpec
 from audio_models.registry import register_extractor, registered_extractors
 from audio_models.speech.ser import EmotionClassifierExtractor
+from audio_models.speech.ssl import SelfSupervisedExtractor
 from audio_models.tracking import MlflowTracker, NullTracker
 from tests.conftest import CONF_DIR, SHARED, compose_extract
 
@@ -35,12 +36,26 @@ def _options(group: str) -> list[str]:
 
 
 # Extractors that need a model file to instantiate (tested in their own modules).
-MODEL_EXTRACTORS = {"ser"}
+MODEL_EXTRACTORS = {"ser", "xlsr", "wav2vec2", "hubert", "wavlm"}
 
 
 def test_every_extractor_option_is_tested() -> None:
     assert set(_options("extractor")) == set(EXTRACTORS) | MODEL_EXTRACTORS
     assert set(registered_extractors()) == set(EXTRACTORS) | MODEL_EXTRACTORS
+
+
+@pytest.mark.parametrize("name", ["xlsr", "wav2vec2", "hubert", "wavlm"])
+def test_ssl_options_instantiate(name: str, tmp_path: Path) -> None:
+    from tests.test_ssl import make_tiny
+
+    folder = make_tiny(tmp_path / name, "wav2vec2-layer")
+    cfg = compose_extract([f"extractor={name}", f"extractor.model={folder}", "output_dir=x"])
+    extractor = instantiate(cfg.extractor, _convert_="all")
+    assert isinstance(extractor, SelfSupervisedExtractor)
+    assert extractor.name == name and extractor.feature_groups == [("layer_3_mean", 32)]
+    # The shipped default is the real hub model of that family.
+    default = compose_extract([f"extractor={name}", "output_dir=x"]).extractor.model
+    assert default.split("/")[0] in {"facebook", "microsoft"}
 
 
 def test_ser_option_instantiates(tmp_path: Path) -> None:

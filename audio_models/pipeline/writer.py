@@ -308,10 +308,13 @@ class ParquetFeatureWriter(BasePredictionWriter):
         extra_columns: list[str] | None = None,
         row_group_rows: int = 512,
         commit_rows: int = 1,
+        feature_groups: list[tuple[str, int]] | None = None,
     ) -> None:
+        """See the class docstring; ``feature_groups`` splits vectors into list columns."""
         super().__init__(write_interval="batch")
         self.store = store
         self.commit_rows = commit_rows
+        self.feature_groups = feature_groups
         self._pending: list[Record] = []
         self.kind = kind
         self.feature_names = feature_names
@@ -321,7 +324,12 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.row_group_rows = row_group_rows
         self.run_id: str | None = None
         taken = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names) | {"features", "frame"}
-        names = Counter([*self.labels.names, *self.extra_columns, *(feature_names or ())])
+        columns = (
+            [n for n, _ in feature_groups] if feature_groups and kind == OutputKind.VECTOR else None
+        )
+        names = Counter(
+            [*self.labels.names, *self.extra_columns, *(columns or feature_names or ())]
+        )
         clash = (taken & set(names)) | {n for n, count in names.items() if count > 1}
         if clash:
             raise UserError(
@@ -442,7 +450,15 @@ class ParquetFeatureWriter(BasePredictionWriter):
         columns = self._meta_columns(records)
         if self.kind == OutputKind.VECTOR:
             matrix = np.stack([r.features for r in records])
-            if self.feature_names is not None:
+            if self.feature_groups is not None:
+                start = 0
+                for name, size in self.feature_groups:
+                    block = np.ascontiguousarray(matrix[:, start : start + size])
+                    columns[name] = pa.FixedSizeListArray.from_arrays(
+                        pa.array(block.reshape(-1)), size
+                    )
+                    start += size
+            elif self.feature_names is not None:
                 for j, name in enumerate(self.feature_names):
                     columns[name] = pa.array(matrix[:, j])
             else:

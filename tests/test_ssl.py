@@ -1,0 +1,160 @@
+"""wav2vec2-family extractors on tiny random models saved locally: batched equals one by one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    HubertConfig,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    WavLMConfig,
+)
+
+from audio_models.speech.ssl import SelfSupervisedExtractor
+from audio_models.utils.errors import UserError
+from runners.extract import extract
+
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 40,
+    "conv_dim": (8, 8, 8),
+    "conv_kernel": (10, 8, 8),
+    "conv_stride": (5, 4, 4),
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
+FAMILIES = {
+    # (config class, feature-encoder norm): XLSR-like layer norm, base-like group norm
+    "wav2vec2-layer": (Wav2Vec2Config, "layer"),
+    "hubert-group": (HubertConfig, "group"),
+    "wavlm-group": (WavLMConfig, "group"),
+    "wav2vec2-group": (Wav2Vec2Config, "group"),
+}
+
+
+def make_tiny(folder: Path, family: str) -> Path:
+    cls, norm = FAMILIES[family]
+    torch.manual_seed(0)
+    config = cls(**TINY, feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
+    AutoModel.from_config(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=16000,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=norm == "layer",
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def tiny(request, tmp_path: Path) -> tuple[str, Path]:
+    return request.param, make_tiny(tmp_path / request.param, request.param)
+
+
+def _batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    waveforms = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        waveforms[i, :n] = 0.1 * torch.randn(n, generator=generator)
+    return waveforms, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_std", "none"])
+def test_batched_equals_one_by_one(tiny, pooling: str) -> None:
+    family, folder = tiny
+    extractor = SelfSupervisedExtractor(name="x", model=str(folder), layers="all", pooling=pooling)
+    waveforms, lengths = _batch([16000, 9000, 16000, 4321, 9000])
+    with torch.inference_mode():
+        batched = extractor.forward(waveforms, lengths)
+        for row, n in enumerate(lengths.tolist()):
+            alone = extractor.forward(waveforms[row : row + 1, :n], lengths[row : row + 1])[0]
+            assert batched[row].shape == alone.shape
+            assert (batched[row] - alone).abs().max() <= 1e-4, family
+
+
+def test_equals_transformers_on_each_file(tiny) -> None:
+    """The reference: the model's own feature extractor and model on one file, mean pooled."""
+    family, folder = tiny
+    extractor = SelfSupervisedExtractor(name="x", model=str(folder), layers=[0, -1], pooling="mean")
+    feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    waveforms, lengths = _batch([12000, 7000], seed=3)
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+        for row, n in enumerate(lengths.tolist()):
+            inputs = feature_extractor(
+                waveforms[row, :n].numpy(), sampling_rate=16000, return_tensors="pt"
+            )
+            states = model(**inputs, output_hidden_states=True).hidden_states
+            expected = torch.cat([states[0][0].mean(0), states[-1][0].mean(0)])
+            assert (ours[row] - expected).abs().max() <= 1e-5, family
+
+
+def test_runner_writes_layer_columns(make_cfg, tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "wav2vec2-layer")
+    pooled = extract(
+        make_cfg(
+            "extractor=xlsr",
+            f"extractor.model={folder}",
+            "extractor.layers=[1,-1]",
+            "extractor.pooling=mean_std",
+            out="pooled",
+        )
+    )
+    table = pd.read_parquet(pooled.output_dir / "features.parquet")
+    for column in ("layer_1_mean", "layer_1_std", "layer_3_mean", "layer_3_std"):
+        assert np.stack(table[column]).shape == (24, 32)
+    assert pooled.tags["provenance.ssl.padding"] == "attention-mask"
+    assert len(pooled.tags["provenance.ssl.weights_sha256"]) == 64
+    frames = extract(
+        make_cfg(
+            "extractor=hubert",
+            f"extractor.model={make_tiny(tmp_path / 'g', 'hubert-group')}",
+            "extractor.pooling=none",
+            out="frames",
+        )
+    )
+    index = pd.read_parquet(frames.output_dir / "frames" / "index.parquet")
+    assert (index["frame_shift_s"] == 80 / 16000).all()
+    shard = pd.read_parquet(frames.output_dir / index["shard"].iloc[0])
+    assert "layer_3_31" in shard.columns
+
+
+def test_missing_model_offline_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(
+        UserError, match=r"cannot load model 'facebook/no-such-model' \(revision abc123\).*download"
+    ):
+        SelfSupervisedExtractor(name="x", model="facebook/no-such-model", revision="abc123")
+
+
+def test_bad_layers_and_pooling(tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "wavlm-group")
+    with pytest.raises(UserError, match="outside the model"):
+        SelfSupervisedExtractor(name="x", model=str(folder), layers=[7])
+    with pytest.raises(UserError, match="pooling"):
+        SelfSupervisedExtractor(name="x", model=str(folder), pooling="max")
+
+
+def test_group_norm_models_really_need_equal_lengths(tmp_path: Path) -> None:
+    """Why the grouping exists: padding a group-norm encoder changes the valid frames."""
+    extractor = SelfSupervisedExtractor(
+        name="x", model=str(make_tiny(tmp_path / "g", "hubert-group"))
+    )
+    waveforms, lengths = _batch([16000, 6000])
+    with torch.inference_mode():
+        padded = extractor._forward_padded(waveforms, lengths)[1]
+        alone = extractor.forward(waveforms[1:, :6000], lengths[1:])[0]
+    assert (padded - alone).abs().max() > 1e-3

@@ -175,9 +175,10 @@ class EstimatorConfig:
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 8
+    batch_size: int = 8  # items per batch (the cap when batch_audio_s is set)
     num_workers: int | None = None  # None: the CPU count
     channel_policy: str = "mean"
+    batch_audio_s: float | None = None  # device extractors: padded seconds per batch, by length
 
 
 @dataclass

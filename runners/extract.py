@@ -174,6 +174,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         config_hash=config_hash,
         done_keys=frozenset(store.done_keys),
         preflight=preflight,
+        batch_audio_s=cfg.loader.batch_audio_s,
     )
 
     commit, dirty = git_state()
@@ -211,10 +212,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     # Loader workers are forked from this process: freezing its objects keeps the workers'
     # garbage collector from walking (and copy-on-write touching) everything imported here.
     gc.freeze()
+    module = ExtractionModule(extractor)
     try:
-        trainer.predict(
-            ExtractionModule(extractor), datamodule=datamodule, return_predictions=False
-        )
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         dead = datamodule.items_of_dead_workers(str(exc)) if isinstance(exc, RuntimeError) else []
@@ -241,6 +241,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         "audio_seconds": audio,
         "wall_s": wall,
         "audio_s_per_s": writer.audio_seconds_now / wall if wall > 0 else 0.0,
+        "padding_fraction": module.padding_fraction,
         "peak_rss_mb": own_rss,
         "peak_rss_worker_mb": worker_rss,
     }

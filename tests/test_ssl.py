@@ -158,3 +158,44 @@ def test_group_norm_models_really_need_equal_lengths(tmp_path: Path) -> None:
         padded = extractor._forward_padded(waveforms, lengths)[1]
         alone = extractor.forward(waveforms[1:, :6000], lengths[1:])[0]
     assert (padded - alone).abs().max() > 1e-3
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/audio_models_ckpt_pwned', 'w').write('x')",))
+
+
+def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "wav2vec2-layer")
+    (folder / "model.safetensors").unlink()
+    marker = Path("/tmp/audio_models_ckpt_pwned")
+    marker.unlink(missing_ok=True)
+    import pickle
+
+    with (folder / "pytorch_model.bin").open("wb") as handle:
+        pickle.dump({"wav2vec2.masked_spec_embed": _Payload()}, handle)
+    with pytest.raises(UserError, match="cannot load model"):
+        SelfSupervisedExtractor(name="x", model=str(folder))
+    assert not marker.exists()
+
+
+def test_length_buckets_cut_padding_and_keep_numbers(make_cfg, tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "wav2vec2-layer")
+    base = ["extractor=xlsr", f"extractor.model={folder}", "loader.batch_size=6"]
+    plain = extract(make_cfg(*base, out="plain"))
+    bucketed = extract(make_cfg(*base, "loader.batch_audio_s=12", out="bucketed"))
+    assert bucketed.metrics["padding_fraction"] < plain.metrics["padding_fraction"]
+    a = pd.read_parquet(plain.output_dir / "features.parquet").set_index("id")
+    b = pd.read_parquet(bucketed.output_dir / "features.parquet").set_index("id").loc[a.index]
+    np.testing.assert_allclose(np.stack(a["layer_3_mean"]), np.stack(b["layer_3_mean"]), atol=1e-4)
+
+
+def test_length_bucket_sampler() -> None:
+    from audio_models.data.loader import LengthBucketSampler
+
+    durations = [5.0, 1.0, 2.0, 9.0, 1.5, 0.0, 3.0]
+    batches = list(LengthBucketSampler(durations, batch_audio_s=6.0, max_items=3))
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for batch in batches:
+        longest = max(durations[i] for i in batch)
+        assert len(batch) <= 3 and (len(batch) == 1 or longest * len(batch) <= 6.0)

@@ -7,13 +7,15 @@ import multiprocessing as mp
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import numpy as np
+import soundfile as sf
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from audio_models.audio.io import ChannelPolicy, decode
 from audio_models.data.items import Item
@@ -265,6 +267,54 @@ def _worker_init(worker_id: int) -> None:
         worker.dataset.worker_pids[worker_id] = os.getpid()
 
 
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar length: items sorted by duration, cut where a batch's padded audio
+    (longest item × count) would exceed ``batch_audio_s`` or it would hold ``max_items``.
+
+    Args:
+        durations: seconds per item (0 for unreadable ones: they fail fast, together).
+        batch_audio_s: padded seconds per batch.
+        max_items: cap on items per batch.
+    """
+
+    def __init__(self, durations: list[float], batch_audio_s: float, max_items: int) -> None:
+        if batch_audio_s <= 0:
+            raise ValueError("batch_audio_s must be positive")
+        order = sorted(range(len(durations)), key=lambda i: (durations[i], i))
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            # Sorted ascending: the newcomer is the longest of the batch.
+            padded = durations[index] * (len(current) + 1)
+            if current and (padded > batch_audio_s or len(current) >= max_items):
+                self.batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            self.batches.append(current)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def item_durations(items: list[Item]) -> list[float]:
+    """Seconds per item from the file headers (segment bounds where given); 0 if unreadable."""
+    durations = []
+    for item in items:
+        try:
+            total = sf.info(item.path).duration
+        except Exception:
+            durations.append(0.0)
+            continue
+        start = item.start or 0.0
+        end = total if item.end is None else min(item.end, total)
+        durations.append(max(0.0, end - start))
+    return durations
+
+
 class ExtractionDataModule(L.LightningDataModule):
     """Serves the dataset's items in order to ``Trainer.predict``.
 
@@ -289,8 +339,10 @@ class ExtractionDataModule(L.LightningDataModule):
         config_hash: str = "",
         done_keys: set[str] | frozenset[str] = frozenset(),
         preflight: Preflight | None = None,
+        batch_audio_s: float | None = None,
     ) -> None:
         super().__init__()
+        self.batch_audio_s = batch_audio_s
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.dataset = ItemDataset(
@@ -333,13 +385,18 @@ class ExtractionDataModule(L.LightningDataModule):
         # Per-item CPU work is handed out item by item: whole batches per worker leave one
         # worker idle while the other finishes the last batch. The writer still commits in
         # groups of batch_size. Device extractors need real batches for their forward.
-        per_worker = self.batch_size if self.dataset.extractor.uses_forward else 1
-        return DataLoader(
-            self.dataset,
-            batch_size=per_worker,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            worker_init_fn=_worker_init if self.num_workers > 0 else None,
-            pin_memory=self.pin_memory,
-        )
+        common: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "worker_init_fn": _worker_init if self.num_workers > 0 else None,
+            "pin_memory": self.pin_memory,
+        }
+        if not self.dataset.extractor.uses_forward:
+            return DataLoader(self.dataset, batch_size=1, shuffle=False, **common)
+        if self.batch_audio_s is not None:
+            # Similar lengths together: less padding for the device to chew on.
+            sampler = LengthBucketSampler(
+                item_durations(self.dataset.items), self.batch_audio_s, self.batch_size
+            )
+            return DataLoader(self.dataset, batch_sampler=sampler, **common)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, **common)

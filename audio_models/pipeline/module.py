@@ -24,12 +24,21 @@ class ExtractionModule(L.LightningModule):
         module = extractor.torch_module()
         # Registered as a child so that Lightning moves its parameters/buffers to the device.
         self.model = module.eval() if module is not None else None
+        self.padded_samples = 0  # zeros the device processed only because of batching
+        self.batch_samples = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the samples sent to the device that were padding."""
+        return self.padded_samples / self.batch_samples if self.batch_samples else 0.0
 
     @torch.inference_mode()
     def predict_step(self, batch: Batch, batch_idx: int) -> list[Record]:
         if batch.waveforms is None:
             return batch.records
         records = [batch.records[i] for i in batch.rows]
+        self.batch_samples += batch.waveforms.numel()
+        self.padded_samples += batch.waveforms.numel() - int(batch.lengths.sum())
         self._run(records, batch.waveforms, batch.lengths)
         return batch.records
 

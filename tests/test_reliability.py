@@ -169,7 +169,18 @@ def test_rerun_skips_and_grown_corpus_adds(make_cfg, tmp_path: Path) -> None:
     assert grown.metrics["n_skipped_resumed"] == 3
     table = pd.read_parquet(grown.output_dir / "features.parquet")
     assert sorted(table["id"]) == ["a0.wav", "a1.wav", "a2.wav", "b.wav"]
-    # Edited audio changes the item's key: it is processed again... into a mixed file? No:
+    # Edited audio changes the item's key: processed again, its new row replaces the old one.
+    sf.write(root / "a0.wav", (0.3 * np.sin(2 * np.pi * 700 * t)).astype(np.float32), 16000)
+    edited = extract(make_cfg("dataset=folder", f"dataset.root={root}"))
+    assert edited.metrics["n_skipped_resumed"] == 3 and edited.metrics["n_items"] == 4
+    table = pd.read_parquet(edited.output_dir / "features.parquet").set_index("id")
+    assert table.index.is_unique
+    reference = extract(make_cfg("dataset=folder", f"dataset.root={root}", out="check"))
+    check = pd.read_parquet(reference.output_dir / "features.parquet").set_index("id")
+    pd.testing.assert_frame_equal(
+        table.loc[check.index].drop(columns="path"), check.drop(columns="path")
+    )
+    # Changed settings never mix into the same outputs:
     with pytest.raises(UserError, match="different settings"):
         extract(make_cfg("dataset=folder", f"dataset.root={root}", "extractor=compare"))
     fresh = extract(

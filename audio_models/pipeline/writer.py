@@ -233,15 +233,30 @@ class OutputStore:
         """Consolidate the parts into the final files and drop the progress folder."""
         metadata = {HASH_KEY: self.config_hash.encode(), RUN_KEY: (run_id or "").encode()}
         features, failures = self.final_files
-        parts = list(_seq_files(self.progress, "part").values())
+        parts = _seq_files(self.progress, "part")
+        fails = _seq_files(self.progress, "fail")
+        keep = _latest_rows(
+            {**{(s, 1): p for s, p in parts.items()}, **{(s, 0): p for s, p in fails.items()}}
+        )
         if parts:
-            _concat(parts, features, metadata, row_group_rows)
+            _concat(
+                list(parts.values()),
+                features,
+                metadata,
+                row_group_rows,
+                [keep[(s, 1)] for s in parts],
+            )
             index = pq.read_table(features, columns=None)
             if "shard" in index.column_names:
                 _atomic_write(index.select(INDEX_COLUMNS), self.frames / "index.parquet")
-        fails = list(_seq_files(self.progress, "fail").values())
         if fails:
-            _concat(fails, failures, metadata, row_group_rows)
+            _concat(
+                list(fails.values()),
+                failures,
+                metadata,
+                row_group_rows,
+                [keep[(s, 0)] for s in fails],
+            )
         else:
             _atomic_write(FAILURE_SCHEMA.empty_table().replace_schema_metadata(metadata), failures)
         # The rename is the commit: before it a rerun redoes the consolidation from the parts,
@@ -257,19 +272,41 @@ class OutputStore:
         return files
 
 
+def _latest_rows(sources: dict[tuple[int, int], Path]) -> dict[tuple[int, int], np.ndarray]:
+    """Per committed file, which rows to keep: one per item id, the most recently committed.
+
+    An item is committed again when its audio changed (a new item key) after an earlier run:
+    its newest row replaces the older one, so the final files hold every id exactly once.
+    """
+    seen: set[str] = set()
+    keep: dict[tuple[int, int], np.ndarray] = {}
+    for position in sorted(sources, reverse=True):
+        ids = pq.read_table(sources[position], columns=["id"]).column(0).to_pylist()
+        mask = np.zeros(len(ids), dtype=bool)
+        for row in range(len(ids) - 1, -1, -1):
+            if ids[row] not in seen:
+                seen.add(ids[row])
+                mask[row] = True
+        keep[position] = mask
+    return keep
+
+
 def _concat(
-    sources: list[Path], target: Path, metadata: dict[bytes, bytes], row_group_rows: int
+    sources: list[Path],
+    target: Path,
+    metadata: dict[bytes, bytes],
+    row_group_rows: int,
+    masks: list[np.ndarray],
 ) -> None:
-    """Stream ``sources`` into ``target`` in row groups of about ``row_group_rows`` rows."""
+    """Stream the kept rows of ``sources`` into ``target`` in row groups of ~``row_group_rows``."""
     schema = pq.read_schema(sources[0]).remove_metadata().with_metadata(metadata)
     tmp = target.with_name(target.name + ".tmp")
     pending: list[pa.Table] = []
     rows = 0
     with pq.ParquetWriter(tmp, schema) as writer:
-        for source in sources:
-            table = (
-                pq.read_table(source).replace_schema_metadata(None).cast(schema.remove_metadata())
-            )
+        for source, mask in zip(sources, masks, strict=True):
+            table = pq.read_table(source).replace_schema_metadata(None)
+            table = table.filter(pa.array(mask)).cast(schema.remove_metadata())
             pending.append(table)
             rows += table.num_rows
             if rows >= row_group_rows:

@@ -23,6 +23,7 @@ import numpy as np
 import opensmile
 import psutil
 import soundfile as sf
+from omegaconf import DictConfig
 
 from audio_models.audio.io import decode
 from audio_models.utils.errors import UserError
@@ -83,6 +84,16 @@ class PeakTreeRss:
         self._thread.join()
 
 
+def compose_extract(overrides: list[str]) -> DictConfig:
+    """``conf/extract.yaml`` composed with ``overrides`` (CPU, tracking off, no progress bar)."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    base = ["device=cpu", "tracking=off", "progress_bar=false"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="extract", overrides=base + overrides)
+
+
 def run_runner(
     corpus: Path, workers: int, out: Path, *, sample_memory: bool = False
 ) -> tuple[float, float, float]:
@@ -91,25 +102,17 @@ def run_runner(
     The RSS sampler takes CPU from a 2-core machine, so timed runs go without it
     (``sample_memory=False`` returns 0 for the peak).
     """
-    from hydra import compose, initialize_config_dir
-
     from runners.extract import extract
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(
-            config_name="extract",
-            overrides=[
-                "extractor=egemaps",
-                "dataset=folder",
-                f"dataset.root={corpus}",
-                "device=cpu",
-                "tracking=off",
-                "progress_bar=false",
-                f"loader.num_workers={workers}",
-                f"output_dir={out}",
-            ],
-        )
+    cfg = compose_extract(
+        [
+            "extractor=egemaps",
+            "dataset=folder",
+            f"dataset.root={corpus}",
+            f"loader.num_workers={workers}",
+            f"output_dir={out}",
+        ]
+    )
     memory = PeakTreeRss() if sample_memory else contextlib.nullcontext()
     with memory:
         started = time.perf_counter()

@@ -23,7 +23,7 @@ import soundfile as sf
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from benchmarks.extract import build_corpus
+from benchmarks.extract import build_corpus, compose_extract
 
 SIZES = {
     "base": {"feat_extract_norm": "group", "do_stable_layer_norm": False},
@@ -67,29 +67,21 @@ def per_file_loop(folder: Path, files: list[Path]) -> float:
 def runner(
     folder: Path, corpus: Path, out: Path, precision: str, batch_audio_s: float
 ) -> tuple[float, float, Path]:
-    from hydra import compose, initialize_config_dir
-
     from runners.extract import extract
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(
-            config_name="extract",
-            overrides=[
-                "extractor=wav2vec2",
-                f"extractor.model={folder}",
-                "dataset=folder",
-                f"dataset.root={corpus}",
-                "device=cpu",
-                f"device.precision={precision}",
-                "tracking=off",
-                "progress_bar=false",
-                "loader.num_workers=1",
-                "loader.batch_size=8",
-                f"loader.batch_audio_s={batch_audio_s}",
-                f"output_dir={out}",
-            ],
-        )
+    cfg = compose_extract(
+        [
+            "extractor=wav2vec2",
+            f"extractor.model={folder}",
+            "dataset=folder",
+            f"dataset.root={corpus}",
+            f"device.precision={precision}",
+            "loader.num_workers=1",
+            "loader.batch_size=8",
+            f"loader.batch_audio_s={batch_audio_s}",
+            f"output_dir={out}",
+        ]
+    )
     started = time.perf_counter()
     result = extract(cfg)
     return (

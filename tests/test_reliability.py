@@ -150,16 +150,19 @@ def test_kill_and_resume_frames(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
-def test_rerun_skips_and_grown_corpus_adds(make_cfg, tmp_path: Path) -> None:
+def _three_tones(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A folder with a0..a2.wav (1 s tones) and the time axis to write more."""
     root = tmp_path / "corpus"
     root.mkdir()
     t = np.arange(16000) / 16000
     for i in range(3):
-        sf.write(
-            root / f"a{i}.wav",
-            (0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t)).astype(np.float32),
-            16000,
-        )
+        tone = (0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t)).astype(np.float32)
+        sf.write(root / f"a{i}.wav", tone, 16000)
+    return root, t
+
+
+def test_rerun_skips_and_grown_corpus_adds(make_cfg, tmp_path: Path) -> None:
+    root, t = _three_tones(tmp_path)
     first = extract(make_cfg("dataset=folder", f"dataset.root={root}"))
     assert first.metrics["n_items"] == 3
     again = extract(make_cfg("dataset=folder", f"dataset.root={root}"))
@@ -191,15 +194,7 @@ def test_rerun_skips_and_grown_corpus_adds(make_cfg, tmp_path: Path) -> None:
 
 
 def test_grown_corpus_keeps_finished_frames(make_cfg, tmp_path: Path) -> None:
-    root = tmp_path / "corpus"
-    root.mkdir()
-    t = np.arange(16000) / 16000
-    for i in range(3):
-        sf.write(
-            root / f"a{i}.wav",
-            (0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t)).astype(np.float32),
-            16000,
-        )
+    root, t = _three_tones(tmp_path)
     overrides = ["extractor=fbank", "dataset=folder", f"dataset.root={root}", "loader.batch_size=1"]
     extract(make_cfg(*overrides))
     sf.write(root / "b.wav", (0.3 * np.sin(2 * np.pi * 400 * t)).astype(np.float32), 16000)

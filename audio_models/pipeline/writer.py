@@ -246,9 +246,9 @@ class OutputStore:
                 row_group_rows,
                 [keep[(s, 1)] for s in parts],
             )
-            index = pq.read_table(features, columns=None)
-            if "shard" in index.column_names:
-                _atomic_write(index.select(INDEX_COLUMNS), self.frames / "index.parquet")
+            if "shard" in pq.read_schema(features).names:  # frame-level: write the index
+                index = pq.read_table(features, columns=INDEX_COLUMNS)
+                _atomic_write(index, self.frames / "index.parquet")
         if fails:
             _concat(
                 list(fails.values()),

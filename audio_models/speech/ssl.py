@@ -9,7 +9,6 @@ groups of equal length. Either way a batch gives the numbers each file gives alo
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from audio_models.extractor import Extractor, OutputKind
 from audio_models.utils.errors import UserError
+from audio_models.utils.provenance import sha256_file
 
 POOLINGS = ("none", "mean", "mean_std")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -54,11 +54,7 @@ def weights_sha256(folder: Path) -> str:
     for name in _WEIGHT_FILES:
         path = folder / name
         if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-            return digest.hexdigest()
+            return sha256_file(path)
     return "unknown"
 
 

@@ -55,3 +55,14 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_extract(base + list(overrides))
 
     return make
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path) -> tuple[str, list[str]]:
+    """A temporary SQLite tracking store: its URI and the overrides that select it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, [
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={tmp_path}/art",
+    ]

@@ -366,12 +366,10 @@ def test_manifest_ids_cannot_escape_the_output_dir(make_cfg, tmp_path: Path) -> 
     assert all(p.resolve().is_relative_to(result.output_dir.resolve()) for p in result.files)
 
 
-def test_secrets_never_reach_mlflow(make_cfg, tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_secrets_never_reach_mlflow(make_cfg, mlflow_store) -> None:
+    uri, tracking = mlflow_store
     cfg = make_cfg(
-        "tracking=mlflow",
-        f"tracking.uri={uri}",
-        f"tracking.artifact_location={tmp_path}/art",
+        *tracking,
         "+hf_token=hf_SECRETVALUE123",
         "+extra.api_key=SECRETKEY456",
     )

@@ -216,14 +216,12 @@ class ToyCheckoutExtractor(OpenSmileExtractor):
     upstreams = ("toy",)
 
 
-def test_run_records_upstream_provenance(upstream, make_cfg, tmp_path: Path) -> None:
+def test_run_records_upstream_provenance(upstream, make_cfg, mlflow_store, tmp_path: Path) -> None:
     setup_main([])
     (upstream["checkout"] / "model.txt").write_text("locally tuned weights\n")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri, tracking = mlflow_store
     cfg = make_cfg(
-        "tracking=mlflow",
-        f"tracking.uri={uri}",
-        f"tracking.artifact_location={tmp_path}/art",
+        *tracking,
         f"extractor._target_={__name__}.ToyCheckoutExtractor",
         "dataset.n_clips=4",
     )

@@ -113,14 +113,9 @@ def test_batched_equals_unbatched_and_workers_equal_in_process(make_cfg, name: s
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
-def test_mlflow_run_reads_back(make_cfg, tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = make_cfg(
-        "tracking=mlflow",
-        f"tracking.uri={uri}",
-        f"tracking.artifact_location={tmp_path}/mlartifacts",
-        "tracking.experiment=test-exp",
-    )
+def test_mlflow_run_reads_back(make_cfg, mlflow_store, tmp_path: Path) -> None:
+    uri, tracking = mlflow_store
+    cfg = make_cfg(*tracking, "tracking.experiment=test-exp")
     result = extract(cfg)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["test-exp"])
@@ -163,14 +158,9 @@ def test_mlflow_run_reads_back(make_cfg, tmp_path: Path) -> None:
     )
 
 
-def test_large_outputs_are_recorded_by_hash(make_cfg, tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = make_cfg(
-        "tracking=mlflow",
-        f"tracking.uri={uri}",
-        f"tracking.artifact_location={tmp_path}/art",
-        "tracking.max_artifact_mb=0.000001",
-    )
+def test_large_outputs_are_recorded_by_hash(make_cfg, mlflow_store, tmp_path: Path) -> None:
+    uri, tracking = mlflow_store
+    cfg = make_cfg(*tracking, "tracking.max_artifact_mb=0.000001")
     result = extract(cfg)
     client = mlflow.MlflowClient(uri)
     path = client.download_artifacts(result.run_id, "outputs.json", str(tmp_path))

@@ -138,17 +138,16 @@ def _train_cfg(*overrides: str):
 
 
 def test_retrain_on_emodb_logs_and_loads_back(
-    speech_dir: Path, legacy, tmp_path: Path, make_cfg
+    speech_dir: Path, legacy, tmp_path: Path, make_cfg, mlflow_store
 ) -> None:
     path, digest = legacy
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri, tracking = mlflow_store
     cfg = _train_cfg(
+        *tracking,
         f"dataset.path={speech_dir / 'emodb-subset' / 'labels.csv'}",
         "dataset.label_column=emotion",
         f"estimator.model_path={path}",
         f"estimator.sha256={digest}",
-        f"tracking.uri={uri}",
-        f"tracking.artifact_location={tmp_path}/art",
         "loader.num_workers=0",
         "progress_bar=false",
         f"output_dir={tmp_path}/train",

@@ -83,6 +83,10 @@ class SslConfig:
     layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
     pooling: str = "mean"  # none | mean | mean_std
     sample_rate: int = 16000
+    max_chunk_s: float | None = 30.0  # longer recordings run in overlapping chunks
+    overlap_s: float = 2.0
+    chunk_batch: int = 4  # chunks of one recording per forward
+    storage_dtype: str = "float32"  # float32 | float16 (stored values; compute unaffected)
 
 
 register_extractor("egemaps", OpenSmileConfig)

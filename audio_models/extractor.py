@@ -15,6 +15,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from audio_models.utils.errors import UserError
+
+STORAGE_DTYPES = ("float32", "float16")
+
 
 class OutputKind(StrEnum):
     """What an extractor emits per item."""
@@ -47,9 +51,17 @@ class Extractor:
     #: diff logged with the run so the numbers stay reproducible.
     upstreams: tuple[str, ...] = ()
 
-    def __init__(self, *, name: str, sample_rate: int | None = None) -> None:
+    def __init__(
+        self, *, name: str, sample_rate: int | None = None, storage_dtype: str = "float32"
+    ) -> None:
         self.name = name
         self._sample_rate = sample_rate
+        if storage_dtype not in STORAGE_DTYPES:
+            raise UserError(
+                f"extractor.storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}"
+            )
+        #: Precision the values are stored at (computation is unaffected).
+        self.storage_dtype = storage_dtype
 
     @property
     def sample_rate(self) -> int | None:

@@ -151,6 +151,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         row_group_rows=cfg.writer.row_group_rows,
         commit_rows=cfg.loader.batch_size,
         feature_groups=extractor.feature_groups,
+        storage_dtype=extractor.storage_dtype,
     )
     callbacks: list[L.Callback] = [writer]
     if cfg.progress_bar:

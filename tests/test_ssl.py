@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,136 @@ def test_length_bucket_sampler() -> None:
     for batch in batches:
         longest = max(durations[i] for i in batch)
         assert len(batch) <= 3 and (len(batch) == 1 or longest * len(batch) <= 6.0)
+
+
+@pytest.mark.parametrize("n", [401, 8000, 8080, 8081, 12345, 40000, 40079])
+def test_chunk_plan_covers_the_file_on_its_frame_grid(tmp_path: Path, n: int) -> None:
+    extractor = SelfSupervisedExtractor(
+        name="x",
+        model=str(make_tiny(tmp_path / "m", "wav2vec2-layer")),
+        max_chunk_s=0.5,
+        overlap_s=0.1,
+    )
+    starts = extractor.chunk_starts(n)
+    assert starts[0] == 0 and all(s % extractor.stride == 0 for s in starts)
+    assert starts == sorted(set(starts))
+    assert all(b - a <= extractor.chunk - extractor.overlap for a, b in itertools.pairwise(starts))
+    assert n - starts[-1] < extractor.chunk + extractor.stride  # the last chunk reaches the end
+
+
+def _long_signal(n: int) -> torch.Tensor:
+    t = torch.arange(n) / 16000
+    generator = torch.Generator().manual_seed(5)
+    return 0.3 * torch.sin(2 * torch.pi * 180 * t) + 0.05 * torch.randn(n, generator=generator)
+
+
+def test_chunked_frames_are_the_files_frames(tmp_path: Path) -> None:
+    """Layer 0 of a layer-norm encoder only sees a few frames of context, so with enough
+    overlap the stitched chunks must reproduce the whole-file frames exactly; deeper layers
+    (global attention) differ, but keep the whole file's frame count."""
+    folder = make_tiny(tmp_path / "m", "wav2vec2-layer")
+    n = 16000 * 3 + 123
+    signal = _long_signal(n)[None]
+    lengths = torch.tensor([n])
+    whole = SelfSupervisedExtractor(
+        name="x", model=str(folder), layers=[0, -1], pooling="none", max_chunk_s=None
+    )
+    chunked = SelfSupervisedExtractor(
+        name="x",
+        model=str(folder),
+        layers=[0, -1],
+        pooling="none",
+        max_chunk_s=0.5,
+        overlap_s=0.2,
+        chunk_batch=3,
+    )
+    with torch.inference_mode():
+        expected = whole.forward(signal, lengths)[0]
+        ours = chunked.forward(signal, lengths)[0]
+        pooled = SelfSupervisedExtractor(
+            name="x",
+            model=str(folder),
+            layers=[0, -1],
+            pooling="mean_std",
+            max_chunk_s=0.5,
+            overlap_s=0.2,
+            chunk_batch=3,
+        ).forward(signal, lengths)[0]
+    assert len(chunked.chunk_starts(n)) > 5
+    assert ours.shape == expected.shape
+    assert (ours[:, :32] - expected[:, :32]).abs().max() <= 1e-4
+    # The pools accumulated chunk by chunk equal pooling the stitched frames.
+    frames0, frames1 = ours[:, :32], ours[:, 32:]
+    reference = torch.cat(
+        [
+            frames0.mean(0),
+            frames0.std(0, unbiased=False),
+            frames1.mean(0),
+            frames1.std(0, unbiased=False),
+        ]
+    )
+    assert (pooled - reference).abs().max() <= 1e-4
+
+
+def test_chunked_group_norm_and_short_rows_in_one_batch(tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "hubert-group")
+    extractor = SelfSupervisedExtractor(
+        name="x", model=str(folder), pooling="none", max_chunk_s=0.5, overlap_s=0.1
+    )
+    whole = SelfSupervisedExtractor(name="x", model=str(folder), pooling="none", max_chunk_s=None)
+    waveforms, lengths = _batch([20000, 6000, 6000, 45000])
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+        expected = whole.forward(waveforms, lengths)
+    for row in (1, 2):  # short rows are untouched by chunking
+        assert torch.equal(ours[row], expected[row])
+    for row in (0, 3):
+        assert ours[row].shape == expected[row].shape
+
+
+def test_bad_chunk_settings(tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "wavlm-group")
+    with pytest.raises(UserError, match="overlap"):
+        SelfSupervisedExtractor(name="x", model=str(folder), max_chunk_s=1.0, overlap_s=1.0)
+    with pytest.raises(UserError, match="storage_dtype"):
+        SelfSupervisedExtractor(name="x", model=str(folder), storage_dtype="int8")
+
+
+def test_runner_chunks_long_files_and_stores_float16(make_cfg, tmp_path: Path) -> None:
+    import soundfile as sf
+
+    root = tmp_path / "long"
+    root.mkdir()
+    sf.write(root / "a.wav", _long_signal(16000 * 4).numpy(), 16000, subtype="FLOAT")
+    sf.write(root / "b.wav", _long_signal(16000 * 1).numpy(), 16000, subtype="FLOAT")
+    folder = make_tiny(tmp_path / "m", "wav2vec2-layer")
+    base = [
+        "extractor=xlsr",
+        f"extractor.model={folder}",
+        "extractor.pooling=none",
+        "dataset=folder",
+        f"dataset.root={root}",
+    ]
+    whole = extract(make_cfg(*base, "extractor.max_chunk_s=null", out="whole"))
+    half = extract(
+        make_cfg(
+            *base,
+            "extractor.max_chunk_s=1.5",
+            "extractor.overlap_s=0.5",
+            "extractor.storage_dtype=float16",
+            out="half",
+        )
+    )
+    a = pd.read_parquet(whole.output_dir / "frames" / "index.parquet").set_index("id")
+    b = pd.read_parquet(half.output_dir / "frames" / "index.parquet").set_index("id")
+    assert a["n_frames"].to_dict() == b["n_frames"].to_dict()
+    shard = pq_schema(half.output_dir / b["shard"].iloc[0])
+    assert str(shard.field("layer_3_0").type) == "halffloat"
+    frames = pd.read_parquet(half.output_dir / b["shard"].iloc[0])
+    assert frames["layer_3_0"].dtype == np.float16 and np.isfinite(frames["layer_3_0"]).all()
+
+
+def pq_schema(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path)

@@ -82,18 +82,42 @@ class SelfSupervisedExtractor(Extractor):
         layers: list[int] | str = (-1,),
         pooling: str = "mean",
         sample_rate: int = 16000,
+        max_chunk_s: float | None = 30.0,
+        overlap_s: float = 2.0,
+        chunk_batch: int = 4,
+        storage_dtype: str = "float32",
     ) -> None:
-        super().__init__(name=name, sample_rate=sample_rate)
+        super().__init__(name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
         if pooling not in POOLINGS:
             raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
         self.model_id = model
         self.revision = revision
-        feature_extractor, self.network, folder = _load(model, revision)
-        self.network.eval()
+        feature_extractor, network, folder = _load(model, revision)
+        self._setup(network, feature_extractor, layers, sample_rate)
+        self._plan_chunks(max_chunk_s, overlap_s, chunk_batch)
+        self._provenance.update(
+            {
+                "ssl.model": model,
+                "ssl.revision": revision or "local"
+                if Path(model).expanduser().is_dir()
+                else str(revision),
+                "ssl.resolved_commit": str(
+                    getattr(network.config, "_commit_hash", None) or "local"
+                ),
+                "ssl.weights_sha256": weights_sha256(folder),
+            }
+        )
+
+    def _setup(
+        self, network: Any, feature_extractor: Any, layers: list[int] | str, sample_rate: int
+    ) -> None:
+        """Read padding behaviour, layers and frame geometry from a loaded model."""
+        self.network = network.eval()
         if getattr(feature_extractor, "sampling_rate", sample_rate) != sample_rate:
             raise UserError(
-                f"{model} expects {feature_extractor.sampling_rate} Hz; set extractor.sample_rate"
+                f"{self.model_id} expects {feature_extractor.sampling_rate} Hz; "
+                "set extractor.sample_rate"
             )
         self.normalize = bool(getattr(feature_extractor, "do_normalize", False))
         config = self.network.config
@@ -108,16 +132,26 @@ class SelfSupervisedExtractor(Extractor):
             )
         self.layers = [x % n_states for x in chosen]
         self.dim = config.hidden_size
-        self._frame_shift = float(torch.prod(torch.tensor(config.conv_stride))) / sample_rate
+        self.stride = int(torch.prod(torch.tensor(config.conv_stride)))
+        self._frame_shift = self.stride / sample_rate
         self._provenance = {
-            "ssl.model": model,
-            "ssl.revision": revision or "local"
-            if Path(model).expanduser().is_dir()
-            else str(revision),
-            "ssl.resolved_commit": str(getattr(config, "_commit_hash", None) or "local"),
-            "ssl.weights_sha256": weights_sha256(folder),
-            "ssl.padding": "attention-mask" if self.use_mask else "equal-length groups",
+            "ssl.padding": "attention-mask" if self.use_mask else "equal-length groups"
         }
+
+    def _plan_chunks(self, max_chunk_s: float | None, overlap_s: float, chunk_batch: int) -> None:
+        """Chunk geometry in samples, on the frame grid so chunk frames are the file's frames."""
+        self.chunk_batch = max(1, int(chunk_batch))
+        if max_chunk_s is None:
+            self.chunk = self.overlap = None
+            return
+        rate = self.sample_rate or 16000
+        self.chunk = max(1, round(max_chunk_s * rate / self.stride)) * self.stride
+        self.overlap = round(overlap_s * rate / self.stride) * self.stride
+        if self.chunk < self.min_samples or not 0 <= self.overlap < self.chunk:
+            raise UserError(
+                f"extractor.max_chunk_s={max_chunk_s} / overlap_s={overlap_s}: need "
+                f"0 <= overlap < chunk and a chunk of at least {self.min_samples} samples"
+            )
 
     @property
     def kind(self) -> OutputKind:  # type: ignore[override]
@@ -151,13 +185,20 @@ class SelfSupervisedExtractor(Extractor):
         return self.network
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        if self.use_mask:
-            return self._forward_padded(waveforms, lengths)
-        # Equal-length groups: each group runs unpadded, so padding never reaches the model.
-        groups: dict[int, list[int]] = defaultdict(list)
-        for row, n in enumerate(lengths.tolist()):
-            groups[n].append(row)
         outputs: list[torch.Tensor | None] = [None] * len(lengths)
+        # Rows longer than a chunk run alone, chunk by chunk; the rest run batched, unpadded
+        # for group-norm encoders (equal-length groups), padded with a mask otherwise.
+        groups: dict[int, list[int]] = defaultdict(list)
+        padded: list[int] = []
+        for row, n in enumerate(lengths.tolist()):
+            if self.chunk is not None and n > self.chunk:
+                outputs[row] = self._forward_long(waveforms[row, :n])
+            elif self.use_mask:
+                padded.append(row)
+            else:
+                groups[n].append(row)
+        if padded:
+            groups[int(lengths[padded].max())] = padded
         for n, rows in groups.items():
             index = torch.tensor(rows, device=waveforms.device)
             results = self._forward_padded(waveforms[index, :n], lengths[index])
@@ -165,32 +206,108 @@ class SelfSupervisedExtractor(Extractor):
                 outputs[row] = result
         return outputs  # type: ignore[return-value]
 
-    def _forward_padded(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        x = waveforms.float()
+    def _normalised(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Wav2Vec2FeatureExtractor's zero-mean unit-variance over each item's own samples."""
+        x = x.float()
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-        if self.normalize:
-            # Wav2Vec2FeatureExtractor's zero-mean unit-variance over each item's own samples.
-            n = lengths[:, None].to(x.dtype)
-            mean = (x * valid).sum(1, keepdim=True) / n
-            var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / n
-            x = torch.where(valid, (x - mean) / torch.sqrt(var + 1e-7), torch.zeros_like(x))
-        mask = valid.long() if self.use_mask else None
+        if not self.normalize:
+            return torch.where(valid, x, torch.zeros_like(x))
+        n = lengths[:, None].to(x.dtype)
+        mean = (x * valid).sum(1, keepdim=True) / n
+        var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / n
+        return torch.where(valid, (x - mean) / torch.sqrt(var + 1e-7), torch.zeros_like(x))
+
+    def _hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per row, the selected layers' valid frames of an already normalised batch."""
+        mask = None
+        if self.use_mask:
+            mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long()
         out = self.network(x, attention_mask=mask, output_hidden_states=True)
         frames = self.network._get_feat_extract_output_lengths(lengths).tolist()
         states = [out.hidden_states[layer] for layer in self.layers]
-        results = []
-        for row, count in enumerate(frames):
-            per_layer = [s[row, :count].float() for s in states]
-            if self.pooling == "none":
-                results.append(torch.cat(per_layer, dim=-1))
-                continue
-            pooled = []
-            for h in per_layer:
-                pooled.append(h.mean(0))
-                if self.pooling == "mean_std":
-                    pooled.append(h.std(0, unbiased=False))
-            results.append(torch.cat(pooled))
-        return results
+        return [[s[row, :count].float() for s in states] for row, count in enumerate(frames)]
+
+    def _forward_padded(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        x = self._normalised(waveforms, lengths)
+        return [self._pool(per_layer) for per_layer in self._hidden(x, lengths)]
+
+    def _pool(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
+        if self.pooling == "none":
+            return torch.cat(per_layer, dim=-1)
+        pooled = []
+        for h in per_layer:
+            pooled.append(h.mean(0))
+            if self.pooling == "mean_std":
+                pooled.append(h.std(0, unbiased=False))
+        return torch.cat(pooled)
+
+    def chunk_starts(self, n: int) -> list[int]:
+        """Start samples of the chunks covering ``n`` samples: every ``chunk - overlap``, and a
+        last chunk ending at the end of the file; all on the frame grid."""
+        assert self.chunk is not None and self.overlap is not None
+        hop = self.chunk - self.overlap
+        starts = list(range(0, max(n - self.chunk, 0), hop)) or [0]
+        last = max(0, (n - self.chunk) // self.stride * self.stride)
+        if last <= starts[-1]:
+            starts[-1] = last  # the last chunk covers the previous one's span and more
+        else:
+            starts.append(last)
+        return starts
+
+    def _forward_long(self, signal: torch.Tensor) -> torch.Tensor:
+        """One long recording in overlapping chunks; each frame is taken from the chunk where
+        it is furthest from an edge, so the stitched frames are the file's frame grid. Pools
+        accumulate on the fly, so memory is bounded by the chunk batch, not the file."""
+        n = signal.shape[0]
+        total = torch.tensor([n], device=signal.device)
+        # Normalise over the whole file, as the model's feature extractor does.
+        x = self._normalised(signal[None], total)[0]
+        starts = self.chunk_starts(n)
+        ends = [s + self.chunk for s in starts[:-1]] + [n]
+        counts = self.network._get_feat_extract_output_lengths(
+            torch.tensor([e - s for s, e in zip(starts, ends, strict=True)])
+        ).tolist()
+        firsts = [s // self.stride for s in starts]
+        n_frames = int(self.network._get_feat_extract_output_lengths(total.cpu()))
+        # Keep [cut_k, cut_{k+1}): cut at the middle of each pair's overlapping frames.
+        cuts = [0]
+        for k in range(len(starts) - 1):
+            cuts.append((firsts[k + 1] + firsts[k] + counts[k]) // 2)
+        cuts.append(n_frames)
+        kept: list[list[torch.Tensor]] = []  # frames (pooling none)
+        sums: list[torch.Tensor] | None = None  # pooled: per layer sum and sum of squares
+        for first in range(0, len(starts), self.chunk_batch):
+            group = range(first, min(first + self.chunk_batch, len(starts)))
+            lengths = torch.tensor([ends[k] - starts[k] for k in group], device=x.device)
+            batch = torch.zeros(len(group), int(lengths.max()), device=x.device)
+            for row, k in enumerate(group):
+                batch[row, : ends[k] - starts[k]] = x[starts[k] : ends[k]]
+            if self.use_mask or len(set(lengths.tolist())) == 1:
+                results = self._hidden(batch, lengths)
+            else:  # group-norm: the unequal last chunk runs on its own
+                results = [
+                    self._hidden(batch[row : row + 1, : int(m)], lengths[row : row + 1])[0]
+                    for row, m in enumerate(lengths.tolist())
+                ]
+            for k, per_layer in zip(group, results, strict=True):
+                a, b = cuts[k] - firsts[k], cuts[k + 1] - firsts[k]
+                piece = [h[a:b] for h in per_layer]
+                if self.pooling == "none":
+                    kept.append(piece)
+                    continue
+                stats = [t for h in piece for t in (h.double().sum(0), (h.double() ** 2).sum(0))]
+                sums = stats if sums is None else [s + t for s, t in zip(sums, stats, strict=True)]
+        if self.pooling == "none":
+            return torch.cat([torch.cat(piece, dim=-1) for piece in kept])
+        assert sums is not None
+        pooled = []
+        for layer in range(len(self.layers)):
+            mean = sums[2 * layer] / n_frames
+            pooled.append(mean)
+            if self.pooling == "mean_std":
+                var = (sums[2 * layer + 1] / n_frames - mean**2).clamp_min(0)
+                pooled.append(var.sqrt())
+        return torch.cat(pooled).float()
 
     def provenance(self) -> dict[str, str]:
         return dict(self._provenance)

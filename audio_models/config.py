@@ -89,6 +89,21 @@ class SslConfig:
     storage_dtype: str = "float32"  # float32 | float16 (stored values; compute unaffected)
 
 
+@dataclass
+class FairseqSslConfig:
+    _target_: str = "audio_models.speech.ssl.FairseqCheckpointExtractor"
+    name: str = "hubert_fairseq"
+    checkpoint: str = MISSING  # path of a fairseq HuBERT / wav2vec 2.0 .pt file
+    sha256: str | None = None
+    layers: Any = field(default_factory=lambda: [-1])
+    pooling: str = "mean"
+    sample_rate: int = 16000
+    max_chunk_s: float | None = 30.0
+    overlap_s: float = 2.0
+    chunk_batch: int = 4
+    storage_dtype: str = "float32"
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
@@ -98,6 +113,7 @@ register_extractor("mfcc", KaldiConfig)
 register_extractor("ser", SerConfig)
 for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
     register_extractor(_ssl, SslConfig)
+register_extractor("hubert_fairseq", FairseqSslConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 

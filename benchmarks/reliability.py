@@ -6,7 +6,8 @@ Builds a corpus of broken and awkward recordings mixed with good ones, runs
 ``python -m runners.extract`` on it in a subprocess, SIGKILLs it at random points and reruns
 until it completes, then prints: items in, written, failed (by reason), lost (must be 0) and
 duplicated (must be 0). Then measures the peak RSS (process tree, sampled) of full runs over
-N and 10·N files.
+N and 10·N files, and the peak RSS and time of one 30-minute recording through each extractor
+(``--long-extractors``; the SSL one on random weights of wav2vec2-base, chunked).
 """
 
 from __future__ import annotations
@@ -124,6 +125,44 @@ def kill_and_resume(overrides: list[str], out: Path, kills: int, seed: int = 0) 
             return made
 
 
+def long_recording_report(tmp: Path, extractors: list[str], minutes: float = 30.0) -> None:
+    """One ``minutes``-long recording through each extractor: peak RSS and wall time."""
+    from benchmarks.ssl import save_random_model
+
+    folder = tmp / "long"
+    folder.mkdir()
+    seconds = minutes * 60
+    signal = np.concatenate([voice(10.0, f0=100 + 5 * (i % 20)) for i in range(int(seconds // 10))])
+    sf.write(folder / "long.wav", signal, 16000, subtype="PCM_16")
+    print(f"one {minutes:.0f}-minute recording, per extractor:")
+    for name in extractors:
+        extra = []
+        if name in ("wav2vec2", "hubert", "wavlm", "xlsr"):
+            size = "large" if name == "xlsr" else "base"
+            extra = [f"extractor.model={save_random_model(tmp / f'model-{size}', size)}"]
+        command = _command(
+            [
+                f"extractor={name}",
+                *extra,
+                "dataset=folder",
+                f"dataset.root={folder}",
+                f"output_dir={tmp / f'long-{name}'}",
+            ]
+        )
+        started = time.perf_counter()
+        try:
+            peak = peak_tree_rss_mb(command)
+        except RuntimeError as exc:
+            print(f"  {name:12s} did not run: {exc}")
+            continue
+        wall = time.perf_counter() - started
+        table = pd.read_parquet(tmp / f"long-{name}" / "features.parquet", columns=["duration_s"])
+        print(
+            f"  {name:12s} peak RSS {peak:6.0f} MiB, {wall:6.1f} s, "
+            f"{len(table)} row of {table['duration_s'].iloc[0]:.0f} s"
+        )
+
+
 def peak_tree_rss_mb(command: list[str]) -> float:
     """Run ``command`` and sample the RSS of its process tree every 20 ms; the peak in MiB."""
     proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,6 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extractor", default="egemaps")
     parser.add_argument(
         "--memory-files", type=int, default=30, help="N for the 1× / 10× memory runs"
+    )
+    parser.add_argument(
+        "--long-extractors",
+        nargs="*",
+        default=["egemaps", "egemaps_lld", "compare", "librosa", "fbank", "mfcc", "wav2vec2"],
+        help="extractors to run on one 30-minute recording (none: skip)",
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
             f"peak RSS (process tree): {args.memory_files} files {sizes[1]:.0f} MiB, "
             f"{10 * args.memory_files} files {sizes[10]:.0f} MiB, ratio {sizes[10] / sizes[1]:.2f}x"
         )
+        if args.long_extractors:
+            long_recording_report(Path(tmp), args.long_extractors)
 
 
 if __name__ == "__main__":

@@ -311,3 +311,61 @@ class SelfSupervisedExtractor(Extractor):
 
     def provenance(self) -> dict[str, str]:
         return dict(self._provenance)
+
+
+class FairseqCheckpointExtractor(SelfSupervisedExtractor):
+    """A fairseq HuBERT / wav2vec 2.0 ``.pt`` checkpoint, converted to the transformers model
+    of the same architecture (see :mod:`audio_models.speech.fairseq_checkpoint`); everything
+    after loading — padding rules, layers, pooling, chunking — is the transformers path's.
+
+    Args:
+        checkpoint: path of the ``.pt`` file.
+        sha256: expected SHA-256 of the file; a mismatch stops the run before any work.
+        Others as :class:`SelfSupervisedExtractor`.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        checkpoint: str,
+        sha256: str | None = None,
+        layers: list[int] | str = (-1,),
+        pooling: str = "mean",
+        sample_rate: int = 16000,
+        max_chunk_s: float | None = 30.0,
+        overlap_s: float = 2.0,
+        chunk_batch: int = 4,
+        storage_dtype: str = "float32",
+    ) -> None:
+        from types import SimpleNamespace
+
+        from audio_models.speech.fairseq_checkpoint import load_fairseq_model
+
+        Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
+        if pooling not in POOLINGS:
+            raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        path = Path(checkpoint).expanduser()
+        self.model_id, self.revision = str(path), None
+        digest = sha256_file(path) if path.is_file() else None
+        if sha256 is not None and digest != sha256.lower():
+            raise UserError(
+                f"{path}: sha256 {digest} does not match extractor.sha256={sha256}; "
+                "refusing an unverified checkpoint"
+            )
+        network, described = load_fairseq_model(path)
+        # The input normalisation is the pretraining task's (``task.normalize``).
+        settings = SimpleNamespace(
+            sampling_rate=described.sample_rate, do_normalize=described.normalize
+        )
+        self._setup(network, settings, layers, sample_rate)
+        self._plan_chunks(max_chunk_s, overlap_s, chunk_batch)
+        self._provenance.update(
+            {
+                "ssl.checkpoint": str(path),
+                "ssl.weights_sha256": str(digest),
+                "ssl.fairseq_family": described.family,
+                "ssl.normalize": str(described.normalize),
+            }
+        )

@@ -1,0 +1,306 @@
+"""fairseq HuBERT / wav2vec 2.0 checkpoints: safe loading, conversion, and fairseq's reference.
+
+The synthetic checkpoints below use fairseq's key names and ``cfg``/``args`` layouts with the
+weights of a tiny transformers model, so a correct conversion must give that model's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from transformers import AutoModel, HubertConfig, Wav2Vec2Config
+
+from audio_models.speech.ssl import FairseqCheckpointExtractor, SelfSupervisedExtractor
+from audio_models.utils.errors import UserError
+from runners.extract import extract
+
+SETTINGS = {  # fairseq's names for a tiny model
+    "encoder_embed_dim": 32,
+    "encoder_layers": 3,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_embed_dim": 40,
+    "conv_feature_layers": "[(8, 10, 5)] + [(8, 8, 4)] * 2",
+    "conv_pos": 16,
+    "conv_pos_groups": 2,
+    "activation_fn": "gelu",
+}
+HF_TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 40,
+    "conv_dim": (8, 8, 8),
+    "conv_kernel": (10, 8, 8),
+    "conv_stride": (5, 4, 4),
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
+
+# transformers name → fairseq name (the inverse of the converter, written out independently)
+_TO_FAIRSEQ = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
+    (r"feature_projection\.projection\.", "post_extract_proj."),
+    (r"feature_projection\.layer_norm\.", "layer_norm."),
+    (r"^masked_spec_embed$", "mask_emb"),
+    (
+        r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0",
+        "encoder.pos_conv.0.weight_g",
+    ),
+    (
+        r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1",
+        "encoder.pos_conv.0.weight_v",
+    ),
+    (r"encoder\.pos_conv_embed\.conv\.bias", "encoder.pos_conv.0.bias"),
+    (r"\.attention\.", ".self_attn."),
+    (r"(layers\.\d+)\.layer_norm\.", r"\1.self_attn_layer_norm."),
+    (r"feed_forward\.intermediate_dense\.", "fc1."),
+    (r"feed_forward\.output_dense\.", "fc2."),
+]
+
+
+def fairseq_state(model: torch.nn.Module, layer_norm_encoder: bool, prefix: str = "") -> dict:
+    state = {}
+    for key, tensor in model.state_dict().items():
+        name = key
+        match = re.match(r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(.*)", key)
+        if match:  # group norm: Sequential index 2; layer norm: 2.1 (after a TransposeLast)
+            sub = "2.1" if layer_norm_encoder else "2"
+            name = f"feature_extractor.conv_layers.{match[1]}.{sub}.{match[2]}"
+        for pattern, replacement in _TO_FAIRSEQ:
+            name = re.sub(pattern, replacement, name)
+        state[prefix + name] = tensor.clone()
+    return state
+
+
+class _FakeDictionary:
+    pass
+
+
+def _save_with_fairseq_classes(obj: dict, path: Path) -> None:
+    """torch.save with a ``fairseq.data.dictionary.Dictionary`` class present, as fairseq does."""
+    module = types.ModuleType("fairseq.data.dictionary")
+    _FakeDictionary.__module__ = "fairseq.data.dictionary"
+    _FakeDictionary.__qualname__ = "Dictionary"
+    module.Dictionary = _FakeDictionary  # type: ignore[attr-defined]
+    saved = {k: sys.modules.get(k) for k in ("fairseq", "fairseq.data", "fairseq.data.dictionary")}
+    sys.modules.update(
+        {
+            "fairseq": types.ModuleType("fairseq"),
+            "fairseq.data": types.ModuleType("fairseq.data"),
+            "fairseq.data.dictionary": module,
+        }
+    )
+    try:
+        torch.save(obj, path)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+
+
+def _dictionary() -> _FakeDictionary:
+    d = _FakeDictionary()
+    d.__dict__.update({"symbols": ["<s>", "<pad>", "0", "1"], "count": [1, 1, 5, 7], "indices": {}})
+    return d
+
+
+def hydra_hubert(folder: Path, **extra: torch.Tensor) -> tuple[Path, torch.nn.Module]:
+    """A pretrained HuBERT base-style checkpoint (group-norm encoder, ``cfg`` layout)."""
+    torch.manual_seed(1)
+    reference = AutoModel.from_config(HubertConfig(**HF_TINY, feat_extract_norm="group")).eval()
+    state = fairseq_state(reference, layer_norm_encoder=False) | extra
+    state["label_embs_concat"] = torch.zeros(4, 8)
+    state["final_proj.weight"] = torch.zeros(8, 32)
+    checkpoint = {
+        "args": None,
+        "cfg": {
+            "model": {"_name": "hubert", "extractor_mode": "default", **SETTINGS},
+            "task": {"_name": "hubert_pretraining", "normalize": False, "sample_rate": 16000},
+        },
+        "model": state,
+        "task_state": {"dictionaries": [_dictionary()]},
+        "extra_state": {"best_loss": np.float64(3.5)},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hubert_tiny.pt"
+    _save_with_fairseq_classes(checkpoint, path)
+    return path, reference
+
+
+def argparse_finetuned_wav2vec2(folder: Path) -> tuple[Path, torch.nn.Module]:
+    """A fine-tuned wav2vec 2.0 large-style checkpoint (layer-norm encoder, ``args`` layout)."""
+    torch.manual_seed(2)
+    config = Wav2Vec2Config(
+        **HF_TINY, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True
+    )
+    reference = AutoModel.from_config(config).eval()
+    state = fairseq_state(reference, layer_norm_encoder=True, prefix="w2v_encoder.w2v_model.")
+    state["w2v_encoder.proj.weight"] = torch.zeros(5, 32)
+    state["w2v_encoder.proj.bias"] = torch.zeros(5)
+    pretrain = argparse.Namespace(
+        arch="wav2vec2",
+        extractor_mode="layer_norm",
+        layer_norm_first=True,
+        conv_bias=True,
+        normalize=True,
+        sample_rate=16000,
+        **SETTINGS,
+    )
+    args = argparse.Namespace(arch="wav2vec_ctc", w2v_args=pretrain, normalize=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "w2v_ctc_tiny.pt"
+    _save_with_fairseq_classes({"args": args, "model": state, "task_state": {}}, path)
+    return path, reference
+
+
+def _signals() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    lengths = [16000, 9000, 12345]
+    waveforms = torch.zeros(3, 16000)
+    for i, n in enumerate(lengths):
+        waveforms[i, :n] = 0.2 * torch.randn(n, generator=generator)
+    return waveforms, torch.tensor(lengths)
+
+
+def _hidden(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return list(model(x[None], output_hidden_states=True).hidden_states)
+
+
+def test_hydra_hubert_checkpoint_gives_the_models_numbers(tmp_path: Path) -> None:
+    path, reference = hydra_hubert(tmp_path)
+    extractor = FairseqCheckpointExtractor(
+        name="hubert_fairseq", checkpoint=str(path), layers="all", pooling="none"
+    )
+    assert extractor.provenance()["ssl.fairseq_family"] == "hubert"
+    assert not extractor.normalize and not extractor.use_mask  # task.normalize, group norm
+    waveforms, lengths = _signals()
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        expected = torch.cat(_hidden(reference, waveforms[row, :n]), dim=-1)[0]
+        assert ours[row].shape == expected.shape
+        assert (ours[row] - expected).abs().max() <= 1e-5
+
+
+def test_argparse_finetuned_wav2vec2_checkpoint(tmp_path: Path) -> None:
+    path, reference = argparse_finetuned_wav2vec2(tmp_path)
+    extractor = FairseqCheckpointExtractor(
+        name="hubert_fairseq", checkpoint=str(path), layers=[0, -1], pooling="mean"
+    )
+    assert extractor.normalize and extractor.use_mask
+    waveforms, lengths = _signals()
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        x = waveforms[row, :n]
+        states = _hidden(reference, (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7))
+        expected = torch.cat([states[0][0].mean(0), states[-1][0].mean(0)])
+        assert (ours[row] - expected).abs().max() <= 1e-4
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/audio_models_fairseq_pwned', 'w').write('x')",))
+
+
+def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path) -> None:
+    marker = Path("/tmp/audio_models_fairseq_pwned")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pt"
+    torch.save({"args": _Payload(), "model": {}}, path)
+    with pytest.raises(UserError, match="refusing to load"):
+        FairseqCheckpointExtractor(name="x", checkpoint=str(path))
+    assert not marker.exists()
+
+
+def test_unknown_weights_hash_mismatch_and_missing_file(tmp_path: Path) -> None:
+    path, _ = hydra_hubert(tmp_path)
+    with pytest.raises(UserError, match="does not match"):
+        FairseqCheckpointExtractor(name="x", checkpoint=str(path), sha256="0" * 64)
+    odd, _ = hydra_hubert(tmp_path / "odd", **{"encoder.extra_thing.weight": torch.zeros(2)})
+    with pytest.raises(UserError, match="does not know"):
+        FairseqCheckpointExtractor(name="x", checkpoint=str(odd))
+    with pytest.raises(UserError, match="not found"):
+        FairseqCheckpointExtractor(name="x", checkpoint=str(tmp_path / "none.pt"))
+
+
+def test_runner_with_a_fairseq_checkpoint(make_cfg, tmp_path: Path) -> None:
+    path, _ = hydra_hubert(tmp_path)
+    from audio_models.utils.provenance import sha256_file
+
+    result = extract(
+        make_cfg(
+            "extractor=hubert_fairseq",
+            f"extractor.checkpoint={path}",
+            f"extractor.sha256={sha256_file(path)}",
+            "extractor.layers=[2]",
+        )
+    )
+    table = pd.read_parquet(result.output_dir / "features.parquet")
+    assert np.stack(table["layer_2_mean"]).shape == (24, 32)
+    assert result.tags["provenance.ssl.weights_sha256"] == sha256_file(path)
+
+
+# -- fairseq's own reference features -------------------------------------------------------
+
+REFERENCE = "librispeech-hubert"
+
+
+def _reference(speech_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder = speech_dir / REFERENCE
+    audio, rate = sf.read(folder / "6313-76958-0021.flac", dtype="float32")
+    assert rate == 16000
+    return audio, np.load(folder / "sample.base.L9.npy")
+
+
+def _layer9(extractor: SelfSupervisedExtractor, audio: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(audio)[None]
+    with torch.inference_mode():
+        return extractor.forward(x, torch.tensor([len(audio)]))[0].numpy()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("AUDIO_MODELS_HUBERT_BASE_CKPT"),
+    reason="set AUDIO_MODELS_HUBERT_BASE_CKPT to the path of fairseq's hubert_base_ls960.pt "
+    "(https://dl.fbaipublicfiles.com/hubert/hubert_base_ls960.pt) to check it against "
+    "fairseq's reference layer-9 features",
+)
+def test_fairseq_reference_layer9_through_hubert_fairseq(speech_dir: Path) -> None:
+    audio, expected = _reference(speech_dir)
+    extractor = FairseqCheckpointExtractor(
+        name="hubert_fairseq",
+        checkpoint=os.environ["AUDIO_MODELS_HUBERT_BASE_CKPT"],
+        layers=[9],
+        pooling="none",
+    )
+    ours = _layer9(extractor, audio)
+    assert ours.shape == expected.shape == (596, 768)
+    np.testing.assert_allclose(ours, expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("AUDIO_MODELS_HUBERT_BASE_HF"),
+    reason="set AUDIO_MODELS_HUBERT_BASE_HF to facebook/hubert-base-ls960 (in the local Hugging "
+    "Face cache) or a local copy of it to check it against fairseq's reference features",
+)
+def test_fairseq_reference_layer9_through_hubert(speech_dir: Path) -> None:
+    audio, expected = _reference(speech_dir)
+    extractor = SelfSupervisedExtractor(
+        name="hubert", model=os.environ["AUDIO_MODELS_HUBERT_BASE_HF"], layers=[9], pooling="none"
+    )
+    ours = _layer9(extractor, audio)
+    assert ours.shape == expected.shape == (596, 768)
+    np.testing.assert_allclose(ours, expected, atol=1e-3, rtol=1e-3)

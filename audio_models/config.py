@@ -104,6 +104,17 @@ class FairseqSslConfig:
     storage_dtype: str = "float32"
 
 
+@dataclass
+class EcapaConfig:
+    _target_: str = "audio_models.speech.ecapa.EcapaExtractor"
+    name: str = "ecapa"
+    model: str = "speechbrain/spkrec-ecapa-voxceleb"
+    revision: str | None = None
+    normalize: bool = False  # the model's embedding normalisation (encode_batch normalize=)
+    sample_rate: int = 16000
+    storage_dtype: str = "float32"
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
@@ -114,6 +125,7 @@ register_extractor("ser", SerConfig)
 for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
     register_extractor(_ssl, SslConfig)
 register_extractor("hubert_fairseq", FairseqSslConfig)
+register_extractor("ecapa", EcapaConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 

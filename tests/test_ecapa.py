@@ -1,0 +1,151 @@
+"""SpeechBrain ECAPA on a tiny model written in SpeechBrain's hyperparams format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from audio_models.speech.ecapa import EcapaExtractor
+from audio_models.utils.errors import UserError
+from runners.extract import extract
+
+# The published spkrec-ecapa-voxceleb hyperparams, shrunk: same classes, keys and loadables.
+HYPERPARAMS = """\
+pretrained_path: speechbrain/spkrec-ecapa-voxceleb
+n_mels: 24
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: [16, 16, 16, 16, 48]
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: 8
+    lin_neurons: 12
+classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
+    input_size: 12
+    out_neurons: 3
+mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+    std_norm: False
+modules:
+    compute_features: !ref <compute_features>
+    mean_var_norm: !ref <mean_var_norm>
+    embedding_model: !ref <embedding_model>
+    mean_var_norm_emb: !ref <mean_var_norm_emb>
+    classifier: !ref <classifier>
+label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        embedding_model: !ref <embedding_model>
+        mean_var_norm_emb: !ref <mean_var_norm_emb>
+        classifier: !ref <classifier>
+        label_encoder: !ref <label_encoder>
+    paths:
+        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
+        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
+        classifier: !ref <pretrained_path>/classifier.ckpt
+        label_encoder: !ref <pretrained_path>/label_encoder.txt
+"""
+
+
+def make_tiny_ecapa(folder: Path) -> Path:
+    """Random weights saved as the files the hyperparams' pretrainer loads."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hyperparams.yaml").write_text(HYPERPARAMS)
+    torch.manual_seed(0)
+    hparams = load_hyperpyyaml(HYPERPARAMS)
+    model = hparams["embedding_model"].eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, as a trained model has
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    torch.save(model.state_dict(), folder / "embedding_model.ckpt")
+    torch.save(hparams["classifier"].state_dict(), folder / "classifier.ckpt")
+    norm = hparams["mean_var_norm_emb"]
+    norm.glob_mean = torch.randn(1, 12) * 0.1
+    norm.glob_std = torch.ones(1, 12)
+    norm.count = 10
+    norm._save(folder / "mean_var_norm_emb.ckpt")
+    (folder / "label_encoder.txt").write_text(
+        "'a' => 0\n'b' => 1\n'c' => 2\n================\n'starting_index' => 0\n"
+    )
+    return folder
+
+
+@pytest.fixture
+def tiny_ecapa(tmp_path: Path) -> Path:
+    return make_tiny_ecapa(tmp_path / "ecapa")
+
+
+def _batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    waveforms = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        waveforms[i, :n] = 0.1 * torch.randn(n, generator=generator)
+    return waveforms, torch.tensor(lengths)
+
+
+def test_equals_speechbrain_encode_batch_and_batched_equals_alone(tiny_ecapa: Path) -> None:
+    from speechbrain.inference.speaker import EncoderClassifier
+
+    extractor = EcapaExtractor(name="ecapa", model=str(tiny_ecapa))
+    reference = EncoderClassifier.from_hparams(
+        source=str(tiny_ecapa),
+        savedir=str(tiny_ecapa.parent / "sb"),
+        overrides={"pretrained_path": str(tiny_ecapa)},
+    )
+    waveforms, lengths = _batch([16000, 7000, 16000, 12000])
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+        for row, n in enumerate(lengths.tolist()):
+            expected = reference.encode_batch(waveforms[row : row + 1, :n])[0, 0]
+            assert ours[row].shape == (12,)
+            assert (ours[row] - expected).abs().max() <= 1e-5
+        # Why rows are grouped by length: zero padding changes ECAPA's embedding.
+        padded = reference.encode_batch(waveforms[:2], lengths[:2] / lengths[:2].max())[1, 0]
+    assert (padded - ours[1]).abs().max() > 1e-4
+    normalized = EcapaExtractor(name="ecapa", model=str(tiny_ecapa), normalize=True)
+    with torch.inference_mode():
+        ours = normalized.forward(waveforms[:1], lengths[:1])[0]
+        expected = reference.encode_batch(waveforms[:1], normalize=True)[0, 0]
+    assert (ours - expected).abs().max() <= 1e-5 and (ours - expected).abs().max() < (
+        ours - extractor.forward(waveforms[:1], lengths[:1])[0]
+    ).abs().max()
+
+
+def test_refuses_hyperparams_that_run_code(tmp_path: Path) -> None:
+    folder = make_tiny_ecapa(tmp_path / "evil")
+    marker = tmp_path / "pwned"
+    text = HYPERPARAMS + f"boom: !apply:os.system ['touch {marker}']\n"
+    (folder / "hyperparams.yaml").write_text(text)
+    with pytest.raises(UserError, match="refusing a hyperparams file"):
+        EcapaExtractor(name="ecapa", model=str(folder))
+    assert not marker.exists()
+
+
+def test_missing_model_offline_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match=r"cannot load model 'speechbrain/no-such'.*download"):
+        EcapaExtractor(name="ecapa", model="speechbrain/no-such")
+
+
+def test_runner_writes_embeddings(make_cfg, tiny_ecapa: Path) -> None:
+    result = extract(make_cfg("extractor=ecapa", f"extractor.model={tiny_ecapa}"))
+    table = pd.read_parquet(result.output_dir / "features.parquet")
+    assert np.stack(table["embedding"]).shape == (24, 12)
+    assert result.tags["provenance.ecapa.padding"] == "equal-length groups"
+    assert len(result.tags["provenance.ecapa.weights_sha256"]) == 64

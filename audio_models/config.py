@@ -174,6 +174,7 @@ class DeviceConfig:
     accelerator: str = "auto"
     devices: Any = 1
     precision: str = "32"
+    onednn_linear: bool = True  # CPU: fp32 nn.Linear through oneDNN, not MKL (faster on AMD)
 
 
 @dataclass

@@ -114,6 +114,11 @@ class Extractor:
         """
         raise NotImplementedError(f"{type(self).__name__} has no batched forward")
 
+    def padded_samples(self, lengths: torch.Tensor, device: torch.device) -> int:
+        """Zeros the model really processes for a batch of ``lengths`` on ``device`` (an
+        extractor that regroups rows to avoid padding reports less than the batch holds)."""
+        return int(lengths.numel() * lengths.max() - lengths.sum()) if lengths.numel() else 0
+
     def torch_module(self) -> torch.nn.Module | None:
         """The module whose parameters/buffers must live on the device, if any."""
         return None

@@ -33,7 +33,7 @@ from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
 from audio_models.data.datasets import AudioDataset
 from audio_models.data.loader import ExtractionDataModule, Preflight
 from audio_models.extractor import Extractor
-from audio_models.pipeline.device import DeviceSpec
+from audio_models.pipeline.device import DeviceSpec, use_onednn_linears
 from audio_models.pipeline.module import ExtractionModule
 from audio_models.pipeline.progress import ThroughputProgressBar
 from audio_models.pipeline.writer import OutputStore, ParquetFeatureWriter
@@ -179,6 +179,15 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     )
 
     commit, dirty = git_state()
+    network = extractor.torch_module()
+    linear_backend = "default"
+    if (
+        network is not None
+        and device.resolved_accelerator == "cpu"
+        and device.onednn_linear
+        and use_onednn_linears(network)
+    ):
+        linear_backend = "oneDNN"
     tags = {
         "extractor": extractor.name,
         "dataset": dataset.name,
@@ -188,6 +197,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         "git_dirty": str(dirty).lower(),
         "accelerator": device.resolved_accelerator,
         "resampler": RESAMPLER,
+        "cpu_linear_backend": linear_backend,
         **{f"version.{k}": v for k, v in package_versions().items()},
         **{f"provenance.{k}": v for k, v in extractor.provenance().items()},
         **provenance_tags(upstreams),

@@ -73,6 +73,7 @@ def _batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 def test_batched_equals_one_by_one(tiny, pooling: str) -> None:
     family, folder = tiny
     extractor = SelfSupervisedExtractor(name="x", model=str(folder), layers="all", pooling=pooling)
+    extractor.pad_on_cpu = True  # the masked, padded path a GPU takes
     waveforms, lengths = _batch([16000, 9000, 16000, 4321, 9000])
     with torch.inference_mode():
         batched = extractor.forward(waveforms, lengths)
@@ -180,15 +181,24 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path) -> None
     assert not marker.exists()
 
 
-def test_length_buckets_cut_padding_and_keep_numbers(make_cfg, tmp_path: Path) -> None:
+def test_length_buckets_cut_padding_and_keep_numbers(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = make_tiny(tmp_path / "m", "wav2vec2-layer")
     base = ["extractor=xlsr", f"extractor.model={folder}", "loader.batch_size=6"]
+    # On the CPU rows run unpadded (no padding processed); the padded path is a GPU's.
+    unpadded = extract(make_cfg(*base, out="unpadded"))
+    assert unpadded.metrics["padding_fraction"] == 0.0
+    monkeypatch.setattr(SelfSupervisedExtractor, "pad_on_cpu", True)
     plain = extract(make_cfg(*base, out="plain"))
     bucketed = extract(make_cfg(*base, "loader.batch_audio_s=12", out="bucketed"))
-    assert bucketed.metrics["padding_fraction"] < plain.metrics["padding_fraction"]
+    assert 0 < bucketed.metrics["padding_fraction"] < plain.metrics["padding_fraction"]
     a = pd.read_parquet(plain.output_dir / "features.parquet").set_index("id")
-    b = pd.read_parquet(bucketed.output_dir / "features.parquet").set_index("id").loc[a.index]
-    np.testing.assert_allclose(np.stack(a["layer_3_mean"]), np.stack(b["layer_3_mean"]), atol=1e-4)
+    for other in (bucketed, unpadded):
+        b = pd.read_parquet(other.output_dir / "features.parquet").set_index("id").loc[a.index]
+        np.testing.assert_allclose(
+            np.stack(a["layer_3_mean"]), np.stack(b["layer_3_mean"]), atol=1e-4
+        )
 
 
 def test_length_bucket_sampler() -> None:
@@ -333,3 +343,36 @@ def pq_schema(path: Path):
     import pyarrow.parquet as pq
 
     return pq.read_schema(path)
+
+
+def test_onednn_linears_match_the_stock_model(tmp_path: Path) -> None:
+    import copy
+
+    from audio_models.pipeline.device import OneDnnLinear, use_onednn_linears
+
+    model = AutoModel.from_pretrained(make_tiny(tmp_path / "m", "wav2vec2-layer")).eval()
+    fast = copy.deepcopy(model)
+    n = use_onednn_linears(fast)
+    assert n == sum(isinstance(m, OneDnnLinear) for m in fast.modules()) > 0
+    x = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x).last_hidden_state
+        ours = fast(x).last_hidden_state
+    assert (ours - expected).abs().max() <= 1e-5
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    layer = next(m for m in fast.modules() if isinstance(m, OneDnnLinear))
+    h = torch.randn(3, layer.in_features)
+    # Gradients and autocast take the stock path, bit for bit.
+    assert torch.equal(layer(h), torch.nn.functional.linear(h, layer.weight, layer.bias))
+
+
+def test_runner_names_the_cpu_linear_backend(make_cfg, tmp_path: Path) -> None:
+    folder = make_tiny(tmp_path / "m", "hubert-group")
+    base = ["extractor=hubert", f"extractor.model={folder}"]
+    fast = extract(make_cfg(*base, out="fast"))
+    stock = extract(make_cfg(*base, "device.onednn_linear=false", out="stock"))
+    assert fast.tags["cpu_linear_backend"] == "oneDNN"
+    assert stock.tags["cpu_linear_backend"] == "default"
+    a = pd.read_parquet(fast.output_dir / "features.parquet").set_index("id")
+    b = pd.read_parquet(stock.output_dir / "features.parquet").set_index("id").loc[a.index]
+    np.testing.assert_allclose(np.stack(a["layer_3_mean"]), np.stack(b["layer_3_mean"]), atol=1e-5)

@@ -29,7 +29,7 @@ class ExtractionModule(L.LightningModule):
 
     @property
     def padding_fraction(self) -> float:
-        """Share of the samples sent to the device that were padding."""
+        """Share of the samples the model processed that were padding."""
         return self.padded_samples / self.batch_samples if self.batch_samples else 0.0
 
     @torch.inference_mode()
@@ -37,8 +37,9 @@ class ExtractionModule(L.LightningModule):
         if batch.waveforms is None:
             return batch.records
         records = [batch.records[i] for i in batch.rows]
-        self.batch_samples += batch.waveforms.numel()
-        self.padded_samples += batch.waveforms.numel() - int(batch.lengths.sum())
+        padded = self.extractor.padded_samples(batch.lengths, batch.waveforms.device)
+        self.batch_samples += int(batch.lengths.sum()) + padded
+        self.padded_samples += padded
         self._run(records, batch.waveforms, batch.lengths)
         return batch.records
 

@@ -72,6 +72,8 @@ class SelfSupervisedExtractor(Extractor):
     """
 
     uses_forward = True
+    #: Pad layer-norm batches on the CPU too (tests use it to exercise the masked path there).
+    pad_on_cpu = False
 
     def __init__(
         self,
@@ -184,16 +186,29 @@ class SelfSupervisedExtractor(Extractor):
     def torch_module(self) -> torch.nn.Module:
         return self.network
 
+    def _pads(self, device: torch.device) -> bool:
+        """Whether rows of different lengths share a padded forward. Only for layer-norm
+        encoders, and only on accelerators: on a CPU a padded batch is no faster than its rows
+        one by one (the matmuls are already large), so the padding would be pure waste."""
+        return self.use_mask and (device.type != "cpu" or self.pad_on_cpu)
+
+    def padded_samples(self, lengths: torch.Tensor, device: torch.device) -> int:
+        if not self._pads(device):
+            return 0
+        short = lengths[lengths <= self.chunk] if self.chunk is not None else lengths
+        return super().padded_samples(short, device)
+
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         outputs: list[torch.Tensor | None] = [None] * len(lengths)
-        # Rows longer than a chunk run alone, chunk by chunk; the rest run batched, unpadded
-        # for group-norm encoders (equal-length groups), padded with a mask otherwise.
+        # Rows longer than a chunk run alone, chunk by chunk; the rest run batched: padded
+        # with a mask where that pays (see _pads), else in groups of equal length, unpadded.
+        pads = self._pads(waveforms.device)
         groups: dict[int, list[int]] = defaultdict(list)
         padded: list[int] = []
         for row, n in enumerate(lengths.tolist()):
             if self.chunk is not None and n > self.chunk:
                 outputs[row] = self._forward_long(waveforms[row, :n])
-            elif self.use_mask:
+            elif pads:
                 padded.append(row)
             else:
                 groups[n].append(row)

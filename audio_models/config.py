@@ -182,7 +182,7 @@ class MlflowConfig:
     _target_: str = "audio_models.tracking.MlflowTracker"
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "audio-models"
-    artifact_location: str = "mlartifacts"
+    artifact_location: str | None = "mlartifacts"  # None: the server's default (proxied)
     max_artifact_mb: float = 100.0
 
 
@@ -261,16 +261,30 @@ class TrainSerConfig:
     seed: int = 0
 
 
+@dataclass
+class CompareConfig:
+    tracking: Any = MISSING
+    sweep_id: str | None = None  # None: the latest sweep in the experiment
+    run_ids: list[str] | None = None  # compare these runs instead of a sweep
+    label: str | None = None  # None: each run's dataset.label_column
+    group_column: str | None = "speaker"  # grouped folds when the data has this column
+    n_splits: int = 5
+    seed: int = 0
+    output_dir: str = MISSING
+
+
 def _register() -> None:
     store = ConfigStore.instance()
     store.store(name="extract_schema", node=ExtractConfig)
     store.store(name="train_ser_schema", node=TrainSerConfig)
+    store.store(name="compare_schema", node=CompareConfig)
     for group, name, node in (
         ("dataset", "demo", DemoDatasetConfig),
         ("dataset", "folder", FolderDatasetConfig),
         ("dataset", "manifest", ManifestDatasetConfig),
         ("device", "device", DeviceConfig),
         ("tracking", "mlflow", MlflowConfig),
+        ("tracking", "server", MlflowConfig),
         ("tracking", "off", TrackingOffConfig),
     ):
         store.store(group=f"schema/{group}", name=name, node=node)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
 
 log = logging.getLogger(__name__)
@@ -83,8 +86,62 @@ class NullTracker:
     def log_file(self, path: Path) -> None:
         """Attach one file at the artifact root (no-op)."""
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Add tags to the open run (no-op)."""
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run (no-op)."""
+
+
+class _RetryingClient:
+    """An ``MlflowClient`` whose calls retry while a SQLite store is locked.
+
+    Parallel sweep jobs share one SQLite file; SQLite lets one writer in at a time and the
+    others fail with "database is locked" once its busy timeout passes. Each call is retried
+    with jittered backoff for up to ``patience_s`` instead of losing the job's record.
+    """
+
+    def __init__(self, client: Any, patience_s: float = 120.0) -> None:
+        self._client = client
+        self._patience_s = patience_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._retry(attr, *args, **kwargs)
+
+        return call
+
+    def _retry(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self._patience_s
+        delay = 0.05
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """A clear error, before any work, when an HTTP tracking server does not answer."""
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        response = requests.get(url, timeout=timeout_s)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        raise UserError(
+            f"the MLflow tracking server at {redact(uri)} cannot be reached ({type(exc).__name__}:"
+            f" {str(exc).splitlines()[0][:200]}); start it (mlflow server …, see the README) or "
+            "choose tracking=mlflow (a local SQLite store) or tracking=off"
+        ) from None
 
 
 class MlflowTracker(NullTracker):
@@ -103,7 +160,7 @@ class MlflowTracker(NullTracker):
         *,
         uri: str = "sqlite:///mlflow.db",
         experiment: str = "audio-models",
-        artifact_location: str = "mlartifacts",
+        artifact_location: str | None = "mlartifacts",
         max_artifact_mb: float = 100.0,
     ) -> None:
         from mlflow.tracking import MlflowClient
@@ -112,14 +169,20 @@ class MlflowTracker(NullTracker):
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.max_artifact_mb = max_artifact_mb
-        self.client = MlflowClient(tracking_uri=uri)
+        if uri.startswith(("http://", "https://")):
+            check_reachable(uri)
+        self.client = _RetryingClient(MlflowClient(tracking_uri=uri))
         self.run_id = None
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        location = Path(self.artifact_location).expanduser().resolve().as_uri()
+        location = (
+            Path(self.artifact_location).expanduser().resolve().as_uri()
+            if self.artifact_location
+            else None  # a tracking server's own artifact root
+        )
         try:
             return self.client.create_experiment(self.experiment, artifact_location=location)
         except Exception:
@@ -199,6 +262,11 @@ class MlflowTracker(NullTracker):
 
     def log_file(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -37,6 +37,7 @@ from audio_models.pipeline.device import DeviceSpec, use_onednn_linears
 from audio_models.pipeline.module import ExtractionModule
 from audio_models.pipeline.progress import ThroughputProgressBar
 from audio_models.pipeline.writer import OutputStore, ParquetFeatureWriter
+from audio_models.sweep import current_job
 from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import git_state, package_versions
@@ -125,11 +126,12 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     if cfg.loader.channel_policy not in CHANNEL_POLICIES:
         raise UserError(f"loader.channel_policy must be one of {CHANNEL_POLICIES}")
     L.seed_everything(cfg.seed, verbose=False)
+    # The tracker first: an unreachable tracking server stops the run before models load.
+    tracker: NullTracker = _build(cfg, "tracking")
     extractor: Extractor = _build(cfg, "extractor")
     dataset: AudioDataset = _build(cfg, "dataset")
     device: DeviceSpec = _build(cfg, "device")
     device.check_available()
-    tracker: NullTracker = _build(cfg, "tracking")
     preflight: Preflight = _build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
@@ -202,6 +204,12 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         **{f"provenance.{k}": v for k, v in extractor.provenance().items()},
         **provenance_tags(upstreams),
     }
+    job = current_job()
+    if job is not None:  # a multirun job: a child of the sweep's parent run
+        tags["sweep_id"] = job.sweep_id
+        tags["sweep_job"] = str(job.job_num)
+        if job.parent_run_id:
+            tags["mlflow.parentRunId"] = job.parent_run_id
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(
         run_name=f"{extractor.name}-{dataset.name}",
@@ -282,20 +290,34 @@ def extract(cfg: DictConfig) -> ExtractionResult:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
+    job = current_job()
     try:
         result = extract(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as exc:
+        if job is None:
+            if isinstance(exc, UserError):
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        # In a sweep a failed job must not stop the others: record it and return; the
+        # sweep callback reports it and makes the sweep's exit code non-zero at the end.
+        log.exception("sweep job %d failed", job.job_num)
+        job.record("FAILED", None, f"{type(exc).__name__}: {exc}"[:2000])
+        return
     if result.failure_ratio > cfg.max_failure_ratio:
         n_failed, n_items = int(result.metrics["n_failed"]), int(result.metrics["n_items"])
-        print(
-            f"error: {n_failed} of {n_items} items failed "
+        message = (
+            f"{n_failed} of {n_items} items failed "
             f"({result.failure_ratio:.0%} > max_failure_ratio={cfg.max_failure_ratio}); "
-            f"see {result.output_dir / 'failures.parquet'}",
-            file=sys.stderr,
+            f"see {result.output_dir / 'failures.parquet'}"
         )
+        if job is not None:
+            job.record("FAILED", result.run_id, message)
+            return
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(3)
+    if job is not None:
+        job.record("FINISHED", result.run_id)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
+from sklearn.model_selection import cross_val_predict
 
 from audio_models.audio.librosa_features import LibrosaExtractor
 from audio_models.config import ExtractConfig
+from audio_models.evaluation import splitter
 from audio_models.speech.ser import load_classifier, sha256_bytes
 from audio_models.tracking import NullTracker, flatten
 from audio_models.utils.errors import UserError
@@ -99,19 +100,6 @@ def _features(cfg: DictConfig, output_dir: Path) -> tuple[pd.DataFrame, list[str
     return pd.read_parquet(result.output_dir / "features.parquet"), names
 
 
-def _splitter(y: np.ndarray, groups: np.ndarray | None, n_splits: int) -> tuple[Any, int]:
-    counts = pd.Series(y).value_counts()
-    if counts.min() < 2:
-        raise UserError(
-            f"class {counts.idxmin()!r} has {counts.min()} example(s); cross-validation needs 2+"
-        )
-    if groups is not None and len(set(groups)) >= 2:
-        folds = min(n_splits, len(set(groups)))
-        return StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0), folds
-    folds = min(n_splits, int(counts.min()))
-    return StratifiedKFold(n_splits=folds, shuffle=True, random_state=0), folds
-
-
 def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
     import matplotlib
 
@@ -144,8 +132,8 @@ def train(cfg: DictConfig) -> TrainResult:
     y = table[label].astype(str).to_numpy()
     speaker = cfg.speaker_column
     groups = table[speaker].astype(str).to_numpy() if speaker and speaker in table else None
-    splitter, folds = _splitter(y, groups, cfg.n_splits)
-    predicted = cross_val_predict(estimator, X, y, groups=groups, cv=splitter)
+    cv, folds = splitter(y, groups, cfg.n_splits)
+    predicted = cross_val_predict(estimator, X, y, groups=groups, cv=cv)
     classes = sorted(set(y))
     metrics = {
         "accuracy": accuracy_score(y, predicted),

@@ -81,6 +81,8 @@ INDEX_COLUMNS = ["id", "shard", "offset", "n_frames", "frame_shift_s"]
 PROGRESS = ".progress"
 HASH_KEY = b"audio_models.config_hash"
 RUN_KEY = b"audio_models.run_id"
+#: JSON list of the feature columns (of features.parquet, or of the frame shards).
+FEATURES_KEY = b"audio_models.feature_columns"
 _SEQ = re.compile(r"^(part|fail|shard)-(\d+)\.parquet$")
 
 
@@ -229,9 +231,19 @@ class OutputStore:
         if part is not None:
             _atomic_write(part, self.progress / f"part-{seq:06d}.parquet")
 
-    def finalize(self, *, row_group_rows: int, run_id: str | None) -> None:
-        """Consolidate the parts into the final files and drop the progress folder."""
+    def finalize(
+        self,
+        *,
+        row_group_rows: int,
+        run_id: str | None,
+        feature_columns: list[str] | None = None,
+    ) -> None:
+        """Consolidate the parts into the final files and drop the progress folder.
+        ``feature_columns`` are recorded in the files' metadata, so readers never mistake a
+        numeric label column for a feature."""
         metadata = {HASH_KEY: self.config_hash.encode(), RUN_KEY: (run_id or "").encode()}
+        if feature_columns is not None:
+            metadata[FEATURES_KEY] = json.dumps(feature_columns).encode()
         features, failures = self.final_files
         parts = _seq_files(self.progress, "part")
         fails = _seq_files(self.progress, "fail")
@@ -396,7 +408,22 @@ class ParquetFeatureWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._commit()
-        self.store.finalize(row_group_rows=self.row_group_rows, run_id=self.run_id)
+        self.store.finalize(
+            row_group_rows=self.row_group_rows,
+            run_id=self.run_id,
+            feature_columns=self.feature_columns,
+        )
+
+    @property
+    def feature_columns(self) -> list[str] | None:
+        """Names of the feature columns of ``features.parquet`` (vectors: one list column per
+        group, named columns, or ``features``); ``None`` for frame-level outputs, whose
+        shards hold nothing but ``id``, ``frame`` and features."""
+        if self.kind != OutputKind.VECTOR:
+            return None
+        if self.feature_groups is not None:
+            return [name for name, _ in self.feature_groups]
+        return list(self.feature_names) if self.feature_names is not None else ["features"]
 
     # -- writing ---------------------------------------------------------------------------
     def consume(self, records: list[Record]) -> None:

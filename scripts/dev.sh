@@ -28,7 +28,20 @@ ensure_ffmpeg() {
   fi
 }
 
+ensure_postgres() {
+  # Only the tests need it: they start a throw-away PostgreSQL behind `mlflow server`.
+  command -v initdb >/dev/null 2>&1 && return
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing postgresql with apt-get (for the tracking-server test) ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "warning: PostgreSQL is missing, its test will skip: sudo apt-get install -y postgresql" >&2
+  fi
+}
+
 ensure_ffmpeg
+[ "${1:-}" = test ] && ensure_postgres
 uv_cmd sync --frozen --quiet
 
 cmd="${1:-extract}"

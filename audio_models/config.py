@@ -112,6 +112,7 @@ class EcapaConfig:
     revision: str | None = None
     normalize: bool = False  # the model's embedding normalisation (encode_batch normalize=)
     sample_rate: int = 16000
+    max_chunk_s: float | None = 60.0  # longer files: length-weighted mean of chunk embeddings
     storage_dtype: str = "float32"
 
 

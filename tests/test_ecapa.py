@@ -149,3 +149,23 @@ def test_runner_writes_embeddings(make_cfg, tiny_ecapa: Path) -> None:
     assert np.stack(table["embedding"]).shape == (24, 12)
     assert result.tags["provenance.ecapa.padding"] == "equal-length groups"
     assert len(result.tags["provenance.ecapa.weights_sha256"]) == 64
+
+
+def test_long_recordings_average_chunk_embeddings(tiny_ecapa: Path) -> None:
+    extractor = EcapaExtractor(name="ecapa", model=str(tiny_ecapa), max_chunk_s=1.0)
+    whole = EcapaExtractor(name="ecapa", model=str(tiny_ecapa), max_chunk_s=None)
+    waveforms, lengths = _batch([40000, 12000])
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+        # 2.5 s in three chunks of 13334/13333/13333 samples, weighted by length
+        parts = [(0, 13333), (13333, 26667), (26667, 40000)]
+        expected = (
+            sum(
+                whole.forward(waveforms[:1, a:b], torch.tensor([b - a]))[0] * (b - a)
+                for a, b in parts
+            )
+            / 40000
+        )
+        short = whole.forward(waveforms[1:, :12000], lengths[1:])[0]
+    assert (ours[0] - expected).abs().max() <= 1e-5
+    assert torch.equal(ours[1], short)  # shorter than a chunk: untouched

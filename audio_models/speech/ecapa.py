@@ -13,6 +13,7 @@ loading classes; anything else (``!apply:os.system``…) is refused.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections import defaultdict
@@ -94,9 +95,15 @@ class EcapaExtractor(Extractor):
         revision: str | None = None,
         normalize: bool = False,
         sample_rate: int = 16000,
+        max_chunk_s: float | None = 60.0,
         storage_dtype: str = "float32",
     ) -> None:
         super().__init__(name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
+        if max_chunk_s is not None and max_chunk_s * sample_rate < self.min_samples:
+            raise UserError(f"extractor.max_chunk_s={max_chunk_s} is shorter than one frame")
+        # ECAPA's activations grow with the input (about 1 GB per minute of audio at full
+        # size): longer recordings are embedded in near-equal chunks, averaged by length.
+        self.max_chunk = None if max_chunk_s is None else int(max_chunk_s * sample_rate)
         from speechbrain.inference.speaker import EncoderClassifier
         from speechbrain.utils.fetching import FetchConfig
 
@@ -169,14 +176,28 @@ class EcapaExtractor(Extractor):
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         groups: dict[int, list[int]] = defaultdict(list)
-        for row, n in enumerate(lengths.tolist()):
-            groups[n].append(row)
         outputs: list[torch.Tensor | None] = [None] * len(lengths)
+        for row, n in enumerate(lengths.tolist()):
+            if self.max_chunk is not None and n > self.max_chunk:
+                outputs[row] = self._encode_long(waveforms[row, :n])
+            else:
+                groups[n].append(row)
         for n, rows in groups.items():
             index = torch.tensor(rows, device=waveforms.device)
             for row, embedding in zip(rows, self._encode(waveforms[index, :n]), strict=True):
                 outputs[row] = embedding
         return outputs  # type: ignore[return-value]
+
+    def _encode_long(self, signal: torch.Tensor) -> torch.Tensor:
+        """Length-weighted mean of the embeddings of near-equal chunks, one at a time."""
+        assert self.max_chunk is not None
+        n = signal.shape[0]
+        count = -(-n // self.max_chunk)
+        bounds = [round(k * n / count) for k in range(count + 1)]
+        total = torch.zeros(self.dim, dtype=torch.float64, device=signal.device)
+        for a, b in itertools.pairwise(bounds):
+            total += self._encode(signal[None, a:b])[0].double() * (b - a)
+        return (total / n).float()
 
     def _encode(self, wavs: torch.Tensor) -> torch.Tensor:
         """``EncoderClassifier.encode_batch`` on equal-length rows (relative lengths all 1)."""

@@ -127,7 +127,7 @@ def kill_and_resume(overrides: list[str], out: Path, kills: int, seed: int = 0) 
 
 def long_recording_report(tmp: Path, extractors: list[str], minutes: float = 30.0) -> None:
     """One ``minutes``-long recording through each extractor: peak RSS and wall time."""
-    from benchmarks.ssl import save_random_model
+    from benchmarks.ssl import FULL_ECAPA, save_random_ecapa, save_random_model
 
     folder = tmp / "long"
     folder.mkdir()
@@ -140,6 +140,8 @@ def long_recording_report(tmp: Path, extractors: list[str], minutes: float = 30.
         if name in ("wav2vec2", "hubert", "wavlm", "xlsr"):
             size = "large" if name == "xlsr" else "base"
             extra = [f"extractor.model={save_random_model(tmp / f'model-{size}', size)}"]
+        if name == "ecapa":
+            extra = [f"extractor.model={save_random_ecapa(tmp / 'ecapa', **FULL_ECAPA)}"]
         command = _command(
             [
                 f"extractor={name}",
@@ -194,7 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--long-extractors",
         nargs="*",
-        default=["egemaps", "egemaps_lld", "compare", "librosa", "fbank", "mfcc", "wav2vec2"],
+        default=[
+            "egemaps",
+            "egemaps_lld",
+            "compare",
+            "librosa",
+            "fbank",
+            "mfcc",
+            "wav2vec2",
+            "ecapa",
+        ],
         help="extractors to run on one 30-minute recording (none: skip)",
     )
     args = parser.parse_args(argv)

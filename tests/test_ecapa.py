@@ -11,76 +11,12 @@ import torch
 
 from audio_models.speech.ecapa import EcapaExtractor
 from audio_models.utils.errors import UserError
+from benchmarks.ssl import HYPERPARAMS_TEMPLATE, TINY_ECAPA, save_random_ecapa
 from runners.extract import extract
-
-# The published spkrec-ecapa-voxceleb hyperparams, shrunk: same classes, keys and loadables.
-HYPERPARAMS = """\
-pretrained_path: speechbrain/spkrec-ecapa-voxceleb
-n_mels: 24
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: !ref <n_mels>
-    channels: [16, 16, 16, 16, 48]
-    kernel_sizes: [5, 3, 3, 3, 1]
-    dilations: [1, 2, 3, 4, 1]
-    attention_channels: 8
-    lin_neurons: 12
-classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
-    input_size: 12
-    out_neurons: 3
-mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
-    norm_type: global
-    std_norm: False
-modules:
-    compute_features: !ref <compute_features>
-    mean_var_norm: !ref <mean_var_norm>
-    embedding_model: !ref <embedding_model>
-    mean_var_norm_emb: !ref <mean_var_norm_emb>
-    classifier: !ref <classifier>
-label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
-pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
-        embedding_model: !ref <embedding_model>
-        mean_var_norm_emb: !ref <mean_var_norm_emb>
-        classifier: !ref <classifier>
-        label_encoder: !ref <label_encoder>
-    paths:
-        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
-        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
-        classifier: !ref <pretrained_path>/classifier.ckpt
-        label_encoder: !ref <pretrained_path>/label_encoder.txt
-"""
 
 
 def make_tiny_ecapa(folder: Path) -> Path:
-    """Random weights saved as the files the hyperparams' pretrainer loads."""
-    from hyperpyyaml import load_hyperpyyaml
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "hyperparams.yaml").write_text(HYPERPARAMS)
-    torch.manual_seed(0)
-    hparams = load_hyperpyyaml(HYPERPARAMS)
-    model = hparams["embedding_model"].eval()
-    with torch.no_grad():  # non-trivial batch-norm statistics, as a trained model has
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm1d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
-    torch.save(model.state_dict(), folder / "embedding_model.ckpt")
-    torch.save(hparams["classifier"].state_dict(), folder / "classifier.ckpt")
-    norm = hparams["mean_var_norm_emb"]
-    norm.glob_mean = torch.randn(1, 12) * 0.1
-    norm.glob_std = torch.ones(1, 12)
-    norm.count = 10
-    norm._save(folder / "mean_var_norm_emb.ckpt")
-    (folder / "label_encoder.txt").write_text(
-        "'a' => 0\n'b' => 1\n'c' => 2\n================\n'starting_index' => 0\n"
-    )
-    return folder
+    return save_random_ecapa(folder, **TINY_ECAPA)
 
 
 @pytest.fixture
@@ -127,7 +63,9 @@ def test_equals_speechbrain_encode_batch_and_batched_equals_alone(tiny_ecapa: Pa
 def test_refuses_hyperparams_that_run_code(tmp_path: Path) -> None:
     folder = make_tiny_ecapa(tmp_path / "evil")
     marker = tmp_path / "pwned"
-    text = HYPERPARAMS + f"boom: !apply:os.system ['touch {marker}']\n"
+    text = (
+        HYPERPARAMS_TEMPLATE.format(**TINY_ECAPA) + f"boom: !apply:os.system ['touch {marker}']\n"
+    )
     (folder / "hyperparams.yaml").write_text(text)
     with pytest.raises(UserError, match="refusing a hyperparams file"):
         EcapaExtractor(name="ecapa", model=str(folder))

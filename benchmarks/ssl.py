@@ -7,12 +7,16 @@ XLSR-53's layer-norm encoder, 24 layers × 1024) cost what the trained models co
 download. The reference loop runs ``Wav2Vec2FeatureExtractor`` + the model on each file and mean
 pools the last layer; the runner does the same through ``runners.extract`` (in-process,
 tracking off). Prints audio seconds per second of both, their ratio, the runner's padding
-fraction and, for bf16, the largest deviation from fp32.
+fraction and peak memory and, for bf16, the largest deviation from fp32. Both run on the same
+device (``--device``, default cuda when present); on a GPU it also prints the model FLOP/s the
+runner achieved as a fraction of the device's dense bf16 peak (``--peak-tflops`` overrides
+the table below).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +28,40 @@ import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from benchmarks.extract import build_corpus, compose_extract
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment.
+BF16_PEAK_TFLOPS = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.2,
+}
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    for fragment, peak in BF16_PEAK_TFLOPS.items():
+        if fragment in name:
+            return peak
+    return None
+
+
+def flops_per_audio_second(folder: Path, device: str) -> float:
+    """Model FLOPs (matmuls and convolutions) per second of 16 kHz audio, counted by
+    ``torch.utils.flop_counter`` on a 10-second input."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = Wav2Vec2Model.from_pretrained(folder).eval().to(device)
+    x = torch.zeros(1, 160000, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 10.0
+
 
 SIZES = {
     "base": {"feat_extract_norm": "group", "do_stable_layer_norm": False},
@@ -124,22 +162,32 @@ def save_random_model(folder: Path, size: str) -> Path:
     return folder
 
 
-def per_file_loop(folder: Path, files: list[Path]) -> float:
+def per_file_loop(folder: Path, files: list[Path], device: str) -> float:
     """Seconds for the plain transformers loop over ``files`` (mean-pooled last layer)."""
     feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder)
-    model = Wav2Vec2Model.from_pretrained(folder).eval()
+    model = Wav2Vec2Model.from_pretrained(folder).eval().to(device)
     started = time.perf_counter()
     with torch.inference_mode():
         for path in files:
             audio, rate = sf.read(path, dtype="float32")
             inputs = feature_extractor(audio, sampling_rate=rate, return_tensors="pt")
-            model(**inputs).last_hidden_state[0].mean(0)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            model(**inputs).last_hidden_state[0].mean(0).cpu()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
 def runner(
-    folder: Path, corpus: Path, out: Path, precision: str, batch_audio_s: float
-) -> tuple[float, float, Path]:
+    folder: Path,
+    corpus: Path,
+    out: Path,
+    precision: str,
+    batch_audio_s: float,
+    device: str,
+    workers: int,
+) -> tuple[float, dict[str, float], Path]:
+    """Seconds for the whole ``extract()`` call (model load included), its metrics, output."""
     from runners.extract import extract
 
     cfg = compose_extract(
@@ -148,20 +196,23 @@ def runner(
             f"extractor.model={folder}",
             "dataset=folder",
             f"dataset.root={corpus}",
+            f"device={device}",
             f"device.precision={precision}",
-            "loader.num_workers=1",
-            "loader.batch_size=8",
+            f"loader.num_workers={workers}",
+            "loader.batch_size=32",
             f"loader.batch_audio_s={batch_audio_s}",
             f"output_dir={out}",
         ]
     )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     result = extract(cfg)
-    return (
-        time.perf_counter() - started,
-        result.metrics["padding_fraction"],
-        out / "features.parquet",
-    )
+    wall = time.perf_counter() - started
+    metrics = dict(result.metrics)
+    if device == "cuda":
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return wall, metrics, out / "features.parquet"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,7 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["base", "large"], choices=sorted(SIZES))
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
     parser.add_argument("--batch-audio-s", type=float, default=60.0)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     args = parser.parse_args(argv)
+    # On a 2-core CPU one loader process leaves a core to the model; a GPU host feeds it with
+    # more, so the loader never becomes the bottleneck.
+    workers = 1 if args.device == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 2))
+    peak = args.peak_tflops
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = peak or bf16_peak_tflops(name)
+        print(f"device: {name}, dense bf16 peak {peak} TFLOP/s; loader workers {workers}")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         files = build_corpus(corpus, args.n_files, seed=1)
@@ -181,11 +244,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"corpus: {len(files)} files, {audio_s:.1f} s of audio; torch threads {threads}")
         for size in args.sizes:
             folder = save_random_model(Path(tmp) / size, size)
-            loop = audio_s / per_file_loop(folder, files)
+            loop = audio_s / per_file_loop(folder, files, args.device)
+            flops = flops_per_audio_second(folder, args.device)
             outputs = {}
             for precision in args.precision:
-                wall, padding, features = runner(
-                    folder, corpus, Path(tmp) / f"{size}-{precision}", precision, args.batch_audio_s
+                wall, metrics, features = runner(
+                    folder,
+                    corpus,
+                    Path(tmp) / f"{size}-{precision}",
+                    precision,
+                    args.batch_audio_s,
+                    args.device,
+                    workers,
                 )
                 outputs[precision] = np.stack(
                     pd.read_parquet(features).sort_values("id")[
@@ -197,10 +267,18 @@ def main(argv: list[str] | None = None) -> None:
                     worst = np.abs(outputs[precision] - outputs["32"]).max()
                     deviation = f", max |bf16 - fp32| {worst:.3g}"
                 rate = audio_s / wall
+                memory = f"peak RSS {metrics['peak_rss_mb']:.0f} MiB"
+                if "peak_gpu_mb" in metrics:
+                    memory += f", peak GPU {metrics['peak_gpu_mb']:.0f} MiB"
+                achieved = flops * rate / 1e12
+                utilisation = f", model {achieved:.1f} TFLOP/s"
+                if peak:
+                    utilisation += f" = {achieved / peak:.1%} of bf16 peak"
                 print(
-                    f"{size} {precision}: runner {rate:.2f} audio s/s, per-file loop (fp32) "
-                    f"{loop:.2f} audio s/s, ratio {rate / loop:.2f}x, "
-                    f"padding fraction {padding:.3f}{deviation}"
+                    f"{size} {precision}: runner {rate:.2f} audio s/s "
+                    f"(predict loop {metrics['audio_s_per_s']:.2f}), per-file loop (fp32) "
+                    f"{loop:.2f} audio s/s, ratio {rate / loop:.2f}x, padding fraction "
+                    f"{metrics['padding_fraction']:.3f}, {memory}{utilisation}{deviation}"
                 )
 
 

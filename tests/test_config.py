@@ -36,7 +36,7 @@ def _options(group: str) -> list[str]:
 
 
 # Extractors that need a model file to instantiate (tested in their own modules).
-MODEL_EXTRACTORS = {"ser", "xlsr", "wav2vec2", "hubert", "wavlm"}
+MODEL_EXTRACTORS = {"ser", "xlsr", "wav2vec2", "hubert", "wavlm", "hubert_fairseq", "ecapa"}
 
 
 def test_every_extractor_option_is_tested() -> None:
@@ -56,6 +56,25 @@ def test_ssl_options_instantiate(name: str, tmp_path: Path) -> None:
     # The shipped default is the real hub model of that family.
     default = compose_extract([f"extractor={name}", "output_dir=x"]).extractor.model
     assert default.split("/")[0] in {"facebook", "microsoft"}
+
+
+def test_hubert_fairseq_and_ecapa_options_instantiate(tmp_path: Path) -> None:
+    from audio_models.speech.ecapa import EcapaExtractor
+    from audio_models.speech.ssl import FairseqCheckpointExtractor
+    from tests.test_ecapa import make_tiny_ecapa
+    from tests.test_fairseq import hydra_hubert
+
+    checkpoint, _ = hydra_hubert(tmp_path / "fairseq")
+    cfg = compose_extract(
+        ["extractor=hubert_fairseq", f"extractor.checkpoint={checkpoint}", "output_dir=x"]
+    )
+    assert isinstance(instantiate(cfg.extractor, _convert_="all"), FairseqCheckpointExtractor)
+    folder = make_tiny_ecapa(tmp_path / "ecapa")
+    cfg = compose_extract(["extractor=ecapa", f"extractor.model={folder}", "output_dir=x"])
+    extractor = instantiate(cfg.extractor, _convert_="all")
+    assert isinstance(extractor, EcapaExtractor) and extractor.feature_groups == [("embedding", 12)]
+    default = compose_extract(["extractor=ecapa", "output_dir=x"]).extractor.model
+    assert default == "speechbrain/spkrec-ecapa-voxceleb"
 
 
 def test_ser_option_instantiates(tmp_path: Path) -> None:
@@ -99,7 +118,10 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         ("tracking", "off"): NullTracker,
     }
     found = {(g, o) for g in ("dataset", "device", "tracking") for o in _options(g)}
-    assert found == set(expected)
+    # tracking=server instantiates only with a server answering (tests/test_tracking_server.py)
+    assert found == set(expected) | {("tracking", "server")}
+    server = compose_extract(["tracking=server", "output_dir=x"]).tracking
+    assert server._target_.endswith("MlflowTracker") and server.uri.startswith("http://")
     extra = {"folder": [f"dataset.root={tmp_path}"], "manifest": [f"dataset.path={tmp_path}/m.csv"]}
     for (group, option), cls in expected.items():
         overrides = [f"{group}={option}", "output_dir=unused", *extra.get(option, [])]

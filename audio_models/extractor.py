@@ -52,15 +52,15 @@ class Extractor:
     upstreams: tuple[str, ...] = ()
 
     def __init__(
-        self, *, name: str, sample_rate: int | None = None, storage_dtype: str = "float32"
+        self, *, name: str, sample_rate: int | None = None, storage_dtype: str | None = None
     ) -> None:
         self.name = name
         self._sample_rate = sample_rate
-        if storage_dtype not in STORAGE_DTYPES:
+        if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
             raise UserError(
                 f"extractor.storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}"
             )
-        #: Precision the values are stored at (computation is unaffected).
+        #: Precision the values are stored at (``None``: as computed; computation unaffected).
         self.storage_dtype = storage_dtype
 
     @property

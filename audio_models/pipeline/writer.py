@@ -358,12 +358,13 @@ class ParquetFeatureWriter(BasePredictionWriter):
         row_group_rows: int = 512,
         commit_rows: int = 1,
         feature_groups: list[tuple[str, int]] | None = None,
-        storage_dtype: str = "float32",
+        storage_dtype: str | None = None,
     ) -> None:
         """See the class docstring; ``feature_groups`` splits vectors into list columns,
-        ``storage_dtype`` (``float32``/``float16``) is the precision values are stored at."""
+        ``storage_dtype`` (``float32``/``float16``; ``None`` keeps the computed precision) is
+        the precision values are stored at."""
         super().__init__(write_interval="batch")
-        self.storage_dtype = np.dtype(storage_dtype)
+        self.storage_dtype = np.dtype(storage_dtype) if storage_dtype else None
         self.store = store
         self.commit_rows = commit_rows
         self.feature_groups = feature_groups
@@ -513,10 +514,13 @@ class ParquetFeatureWriter(BasePredictionWriter):
             columns[name] = pa.array([r.extra.get(name) for r in records], pa.string())
         return columns
 
+    def _stored(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix if self.storage_dtype is None else matrix.astype(self.storage_dtype)
+
     def _tables(self, records: list[Record], seq: int) -> tuple[pa.Table, pa.Table | None]:
         columns = self._meta_columns(records)
         if self.kind == OutputKind.VECTOR:
-            matrix = np.stack([r.features for r in records]).astype(self.storage_dtype)
+            matrix = self._stored(np.stack([r.features for r in records]))
             if self.feature_groups is not None:
                 start = 0
                 for name, size in self.feature_groups:
@@ -534,7 +538,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
             return pa.table(columns), None
         counts = [int(r.features.shape[0]) for r in records]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        matrix = np.concatenate([r.features for r in records], axis=0).astype(self.storage_dtype)
+        matrix = self._stored(np.concatenate([r.features for r in records], axis=0))
         ids = np.repeat(np.array([r.item.id for r in records], dtype=object), counts)
         frame_cols: dict[str, pa.Array] = {
             "id": pa.array(ids, pa.string()),

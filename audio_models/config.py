@@ -176,6 +176,8 @@ class DeviceConfig:
     devices: Any = 1
     precision: str = "32"
     onednn_linear: bool = True  # CPU: fp32 nn.Linear through oneDNN, not MKL (faster on AMD)
+    strategy: str = "auto"  # ddp: one process per device, items sharded, one merged output
+    num_nodes: int = 1
 
 
 @dataclass

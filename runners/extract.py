@@ -33,7 +33,7 @@ from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
 from audio_models.data.datasets import AudioDataset
 from audio_models.data.loader import ExtractionDataModule, Preflight
 from audio_models.extractor import Extractor
-from audio_models.pipeline.device import DeviceSpec, use_onednn_linears
+from audio_models.pipeline.device import DeviceSpec, is_launch_rank_zero, use_onednn_linears
 from audio_models.pipeline.module import ExtractionModule
 from audio_models.pipeline.progress import ThroughputProgressBar
 from audio_models.pipeline.writer import OutputStore, ParquetFeatureWriter
@@ -126,8 +126,11 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     if cfg.loader.channel_policy not in CHANNEL_POLICIES:
         raise UserError(f"loader.channel_policy must be one of {CHANNEL_POLICIES}")
     L.seed_everything(cfg.seed, verbose=False)
+    # Ranks > 0 of a distributed run neither log to MLflow nor clean the output directory:
+    # rank 0 does, before the others start, and merges their outputs at the end.
+    rank_zero = is_launch_rank_zero()
     # The tracker first: an unreachable tracking server stops the run before models load.
-    tracker: NullTracker = _build(cfg, "tracking")
+    tracker: NullTracker = _build(cfg, "tracking") if rank_zero else NullTracker()
     extractor: Extractor = _build(cfg, "extractor")
     dataset: AudioDataset = _build(cfg, "dataset")
     device: DeviceSpec = _build(cfg, "device")
@@ -140,7 +143,8 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
     store = OutputStore(output_dir, config_hash, resume=cfg.resume)
-    store.open()
+    if rank_zero:
+        store.open()  # other ranks join it once the process group is up (writer.setup)
 
     writer = ParquetFeatureWriter(
         store,
@@ -250,6 +254,10 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     finally:
         gc.unfreeze()
     wall = time.perf_counter() - started
+    if trainer.global_rank > 0:  # rank 0 merged this rank's outputs and logs the run
+        return ExtractionResult(
+            output_dir=output_dir, files=[], metrics={"n_items": 0, "n_failed": 0, "wall_s": wall}
+        )
     own_rss, worker_rss = _peak_rss_mb()
     written, failed, audio = _totals(store)
     metrics = {
@@ -264,6 +272,15 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         "peak_rss_mb": own_rss,
         "peak_rss_worker_mb": worker_rss,
     }
+    if writer.rank_stats:  # distributed: each rank's share and throughput
+        metrics["world_size"] = float(len(writer.rank_stats))
+        for rank, stats in enumerate(writer.rank_stats):
+            metrics[f"rank{rank}_items"] = stats["items"]
+            metrics[f"rank{rank}_audio_seconds"] = stats["audio_seconds"]
+            metrics[f"rank{rank}_audio_s_per_s"] = (
+                stats["audio_seconds"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
+            )
+        metrics["audio_s_per_s"] = sum(s["audio_seconds"] for s in writer.rank_stats) / wall
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
     (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(_overrides())))
     files = writer.output_files()

@@ -275,9 +275,17 @@ class LengthBucketSampler(Sampler[list[int]]):
         durations: seconds per item (0 for unreadable ones: they fail fast, together).
         batch_audio_s: padded seconds per batch.
         max_items: cap on items per batch.
+        indices: the dataset indexes the durations belong to (default ``0..n-1``; a rank of
+            a distributed run passes its shard).
     """
 
-    def __init__(self, durations: list[float], batch_audio_s: float, max_items: int) -> None:
+    def __init__(
+        self,
+        durations: list[float],
+        batch_audio_s: float,
+        max_items: int,
+        indices: list[int] | None = None,
+    ) -> None:
         if batch_audio_s <= 0:
             raise ValueError("batch_audio_s must be positive")
         order = sorted(range(len(durations)), key=lambda i: (durations[i], i))
@@ -292,6 +300,8 @@ class LengthBucketSampler(Sampler[list[int]]):
             current.append(index)
         if current:
             self.batches.append(current)
+        if indices is not None:
+            self.batches = [[indices[j] for j in batch] for batch in self.batches]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -391,12 +401,35 @@ class ExtractionDataModule(L.LightningDataModule):
             "worker_init_fn": _worker_init if self.num_workers > 0 else None,
             "pin_memory": self.pin_memory,
         }
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        durations = (
+            item_durations(self.dataset.items)
+            if world > 1 or (self.batch_audio_s is not None and self.dataset.extractor.uses_forward)
+            else None
+        )
+        mine = shard(len(self.dataset.items), rank, world, durations)
         if not self.dataset.extractor.uses_forward:
-            return DataLoader(self.dataset, batch_size=1, shuffle=False, **common)
+            return DataLoader(self.dataset, batch_size=1, sampler=mine, **common)
         if self.batch_audio_s is not None:
+            assert durations is not None
             # Similar lengths together: less padding for the device to chew on.
             sampler = LengthBucketSampler(
-                item_durations(self.dataset.items), self.batch_audio_s, self.batch_size
+                [durations[i] for i in mine], self.batch_audio_s, self.batch_size, indices=mine
             )
             return DataLoader(self.dataset, batch_sampler=sampler, **common)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, **common)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=mine, **common)
+
+
+def shard(n_items: int, rank: int, world: int, durations: list[float] | None) -> list[int]:
+    """The item indexes rank ``rank`` of ``world`` processes, in dataset order.
+
+    Items are dealt round-robin in order of duration, so every rank gets a similar amount of
+    audio; the same on every rank for the same items (deterministic), each item exactly once
+    (no padding with repeated items, unlike ``DistributedSampler``).
+    """
+    if world == 1:
+        return list(range(n_items))
+    assert durations is not None
+    by_length = sorted(range(n_items), key=lambda i: (durations[i], i))
+    return sorted(by_length[rank::world])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +22,17 @@ class DeviceSpec:
         precision: Lightning precision string.
         onednn_linear: on the CPU, run fp32 ``nn.Linear`` layers through oneDNN instead of
             MKL (see :class:`OneDnnLinear`).
+        strategy: Lightning strategy; ``ddp`` runs one process per device (and node), each
+            on its own shard of the items.
+        num_nodes: machines taking part (``ddp`` on a cluster).
     """
 
     accelerator: str = "auto"
     devices: int | str = 1
     precision: str = "32"
     onednn_linear: bool = True
+    strategy: str = "auto"
+    num_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.accelerator not in {"cpu", "cuda", "auto"}:
@@ -51,12 +57,35 @@ class DeviceSpec:
                 "device=cuda but no CUDA device is visible; use device=cpu or device=auto"
             )
 
+    @property
+    def distributed(self) -> bool:
+        return self.strategy.startswith("ddp") or self.num_nodes > 1
+
     def trainer_kwargs(self) -> dict[str, object]:
         return {
             "accelerator": self.resolved_accelerator,
             "devices": self.devices,
             "precision": str(self.precision),
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+            # Items are sharded by the data module (deterministic, length-balanced, no
+            # repeated items); Lightning's DistributedSampler would pad with duplicates.
+            "use_distributed_sampler": False,
         }
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process will be global rank 0, judged from what the launcher set before
+    any Trainer exists: ``RANK``; else SLURM's task id in a multi-task step; else local and
+    node rank (Lightning's launcher starts ranks > 0 with ``LOCAL_RANK``/``NODE_RANK``; the
+    launching process has neither). Set-up only rank 0 may do — MLflow, cleaning the output
+    directory — is skipped elsewhere."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]) == 0
+    return int(env.get("LOCAL_RANK", "0")) == 0 and int(env.get("NODE_RANK", "0")) == 0
 
 
 class OneDnnLinear(torch.nn.Linear):

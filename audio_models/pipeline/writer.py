@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ import lightning as L
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from audio_models.data.items import Item
@@ -143,6 +145,7 @@ class OutputStore:
         self.previous_run_id: str | None = None
         self.resumed = False
         self._next = 0
+        self._stride = 1  # ranks of a distributed run interleave their sequence numbers
 
     @property
     def final_files(self) -> list[Path]:
@@ -186,16 +189,32 @@ class OutputStore:
             if folder.is_dir():
                 for tmp in folder.glob("*.tmp"):
                     tmp.unlink()  # a write that a kill interrupted
+        self._collect(prune=True)
+
+    def join(self) -> None:
+        """Open a store that rank 0 has already opened (no cleaning): only what is committed
+        and where numbering continues."""
+        self._collect(prune=False)
+
+    def interleave(self, rank: int, world_size: int) -> None:
+        """Rank ``rank`` of ``world_size`` writers numbers its files ``base + k·world + rank``,
+        so the ranks never collide and the order of commits stays defined."""
+        self._next += rank
+        self._stride = world_size
+
+    def _collect(self, *, prune: bool) -> None:
         parts = _seq_files(self.progress, "part")
         fails = _seq_files(self.progress, "fail")
         shards = _seq_files(self.frames, "shard")
-        referenced: set[str] = set()
-        for path in parts.values():
-            if "shard" in pq.read_schema(path).names:
-                referenced.update(pq.read_table(path, columns=["shard"]).column(0).to_pylist())
-        for shard in shards.values():
-            if f"frames/{shard.name}" not in referenced:
-                shard.unlink()  # written, but the part that indexes it never committed
+        if prune:
+            referenced: set[str] = set()
+            for path in parts.values():
+                if "shard" in pq.read_schema(path).names:
+                    column = pq.read_table(path, columns=["shard"]).column(0)
+                    referenced.update(column.to_pylist())
+            for shard in shards.values():
+                if f"frames/{shard.name}" not in referenced:
+                    shard.unlink()  # written, but the part that indexes it never committed
         for path in [*parts.values(), *fails.values()]:
             self.done_keys.update(pq.read_table(path, columns=["item_key"]).column(0).to_pylist())
         self.resumed = bool(self.done_keys)
@@ -216,7 +235,7 @@ class OutputStore:
         tmp.replace(self.progress / "state.json")
 
     def next_seq(self) -> int:
-        seq, self._next = self._next, self._next + 1
+        seq, self._next = self._next, self._next + self._stride
         return seq
 
     def commit(
@@ -389,6 +408,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 f"column names used twice in the outputs: {sorted(clash)} (a label column "
                 "named like an output column: rename it, or the extractor's output column)"
             )
+        self.rank_stats: list[dict[str, float]] = []  # per rank, in a distributed run
         self.n_processed = 0  # items this invocation processed (written or failed)
         self.n_skipped = 0  # items a previous run had committed
         self.n_failed_now = 0
@@ -407,8 +427,42 @@ class ParquetFeatureWriter(BasePredictionWriter):
     ) -> None:
         self.consume(prediction)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._started = time.perf_counter()
+        if trainer.world_size == 1:
+            return
+        # Rank 0 opened (and cleaned) the store before the other ranks started; they only
+        # read what is committed, after this barrier, and number their files interleaved.
+        trainer.strategy.barrier("audio_models.store_open")
+        if trainer.global_rank > 0:
+            self.store.join()
+            datamodule = trainer.datamodule
+            if datamodule is not None and hasattr(datamodule, "dataset"):
+                datamodule.dataset.done_keys = frozenset(self.store.done_keys)
+        self.store.interleave(trainer.global_rank, trainer.world_size)
+
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._commit()
+        if trainer.world_size > 1:
+            wall = time.perf_counter() - getattr(self, "_started", time.perf_counter())
+            mine = torch.tensor(
+                [self.n_processed, self.n_failed_now, self.n_skipped, self.audio_seconds_now, wall],
+                dtype=torch.float64,
+            )
+            gathered = trainer.strategy.all_gather(mine.to(pl_module.device)).cpu()
+            self.rank_stats = [
+                dict(
+                    zip(
+                        ("items", "failed", "skipped", "audio_seconds", "wall_s"),
+                        row.tolist(),
+                        strict=True,
+                    )
+                )
+                for row in gathered.reshape(trainer.world_size, -1)
+            ]
+            trainer.strategy.barrier("audio_models.finalize")  # every rank has committed
+            if trainer.global_rank > 0:
+                return
         self.store.finalize(
             row_group_rows=self.row_group_rows,
             run_id=self.run_id,

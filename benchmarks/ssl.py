@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -215,6 +216,59 @@ def runner(
     return wall, metrics, out / "features.parquet"
 
 
+def cli_runner(
+    folder: Path, corpus: Path, out: Path, device: str, devices: int, workers: int
+) -> tuple[float, Path]:
+    """Seconds for ``python -m runners.extract`` with ``device=ddp`` over ``devices`` processes
+    (a subprocess: DDP's launcher starts the other ranks by re-running the command)."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "runners.extract",
+        "extractor=wav2vec2",
+        f"extractor.model={folder}",
+        "dataset=folder",
+        f"dataset.root={corpus}",
+        "device=ddp",
+        f"device.accelerator={device}",
+        f"device.devices={devices}",
+        f"loader.num_workers={workers}",
+        "loader.batch_size=32",
+        "loader.batch_audio_s=60",
+        "tracking=off",
+        "progress_bar=false",
+        f"output_dir={out}",
+        f"hydra.run.dir={out}-hydra",
+    ]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started, out / "features.parquet"
+
+
+def ddp_scaling(folder: Path, corpus: Path, tmp: Path, audio_s: float, args: Any) -> None:
+    """Throughput with 1 and N processes, scaling efficiency, and whether they agree."""
+    n = args.ddp_devices
+    per_rank_workers = 1 if args.device == "cpu" else 4
+    results = {}
+    for devices in (1, n):
+        wall, features = cli_runner(
+            folder, corpus, tmp / f"ddp{devices}", args.device, devices, per_rank_workers
+        )
+        results[devices] = (audio_s / wall, pd.read_parquet(features).sort_values("id"))
+    (one, a), (many, b) = results[1], results[n]
+    column = next(c for c in a.columns if c.startswith("layer_"))
+    same = len(a) == len(b) and list(a["id"]) == list(b["id"])
+    worst = np.abs(np.stack(a[column]) - np.stack(b[column])).max() if same else float("nan")
+    print(
+        f"ddp on {args.device}: 1 process {one:.2f} audio s/s, {n} processes {many:.2f} audio "
+        f"s/s (whole command, start-up included), speed-up {many / one:.2f}x, scaling "
+        f"efficiency {many / one / n:.0%}; same items {same}, max |difference| {worst:.2g}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -227,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
     )
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
+    parser.add_argument(
+        "--ddp-devices",
+        type=int,
+        default=0,
+        help="also run device=ddp with 1 and this many processes and print the scaling",
+    )
     args = parser.parse_args(argv)
     # On a 2-core CPU one loader process leaves a core to the model; a GPU host feeds it with
     # more, so the loader never becomes the bottleneck.
@@ -280,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{loop:.2f} audio s/s, ratio {rate / loop:.2f}x, padding fraction "
                     f"{metrics['padding_fraction']:.3f}, {memory}{utilisation}{deviation}"
                 )
+            if args.ddp_devices > 1:
+                ddp_scaling(folder, corpus, Path(tmp), audio_s, args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -135,6 +136,17 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     dataset: AudioDataset = _build(cfg, "dataset")
     device: DeviceSpec = _build(cfg, "device")
     device.check_available()
+    if (
+        device.distributed
+        and current_job() is not None
+        and os.environ.get("SLURM_NTASKS", "1") == "1"
+    ):
+        # Lightning starts local ranks by re-running the command line, which in a sweep would
+        # re-run the whole sweep; under SLURM every rank is a task of its own instead.
+        raise UserError(
+            "device=ddp in a local -m sweep is not supported: run each configuration as its own "
+            "command, or sweep with hydra/launcher=slurm and tasks_per_node=device.devices"
+        )
     preflight: Preflight = _build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
@@ -333,7 +345,7 @@ def main(cfg: DictConfig) -> None:
             return
         print(f"error: {message}", file=sys.stderr)
         sys.exit(3)
-    if job is not None:
+    if job is not None and is_launch_rank_zero():
         job.record("FINISHED", result.run_id)
 
 

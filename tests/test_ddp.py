@@ -106,3 +106,25 @@ def test_ddp_on_real_speech_equals_one_process(tmp_path: Path, speech_dir: Path)
     ddp, one = _features(tmp_path / "ddp"), _features(tmp_path / "one")
     assert len(ddp) == len(one) > 0
     pd.testing.assert_frame_equal(ddp, one, check_exact=True)
+
+
+def test_ddp_in_a_local_sweep_is_refused_clearly(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runners.extract",
+            "-m",
+            *DDP,
+            "tracking=off",
+            *COMMON,
+            f"hydra.sweep.dir={tmp_path / 's'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "AUDIO_MODELS_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1
+    assert "device=ddp in a local -m sweep is not supported" in done.stderr

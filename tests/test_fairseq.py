@@ -23,6 +23,7 @@ from transformers import AutoModel, HubertConfig, Wav2Vec2Config
 from audio_models.speech.ssl import FairseqCheckpointExtractor, SelfSupervisedExtractor
 from audio_models.utils.errors import UserError
 from runners.extract import extract
+from tests.test_ssl import TINY as HF_TINY
 
 SETTINGS = {  # fairseq's names for a tiny model
     "encoder_embed_dim": 32,
@@ -33,17 +34,6 @@ SETTINGS = {  # fairseq's names for a tiny model
     "conv_pos": 16,
     "conv_pos_groups": 2,
     "activation_fn": "gelu",
-}
-HF_TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "intermediate_size": 40,
-    "conv_dim": (8, 8, 8),
-    "conv_kernel": (10, 8, 8),
-    "conv_stride": (5, 4, 4),
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
 }
 
 # transformers name → fairseq name (the inverse of the converter, written out independently)

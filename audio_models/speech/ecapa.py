@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from audio_models.extractor import Extractor, OutputKind
-from audio_models.utils.errors import UserError
+from audio_models.utils.errors import UserError, model_unavailable
 from audio_models.utils.provenance import sha256_file
 
 # What a speaker-embedding hyperparams file may build or call.
@@ -63,13 +63,7 @@ def _hyperparams(model: str, revision: str | None) -> tuple[Path, bool]:
     try:
         return Path(hf_hub_download(model, "hyperparams.yaml", revision=revision)), False
     except Exception as exc:
-        where = f"revision {revision}" if revision else "its default revision"
-        raise UserError(
-            f"cannot load model {model!r} ({where}): {str(exc).splitlines()[0]}. Without network "
-            f"access, download it first (huggingface-cli download {model}"
-            f"{' --revision ' + revision if revision else ''}) or pass a local directory as "
-            "extractor.model"
-        ) from None
+        raise model_unavailable(model, revision, exc) from None
 
 
 class EcapaExtractor(Extractor):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from audio_models.extractor import Extractor, OutputKind
-from audio_models.utils.errors import UserError
+from audio_models.utils.errors import UserError, model_unavailable
 from audio_models.utils.provenance import sha256_file
 
 POOLINGS = ("none", "mean", "mean_std")
@@ -39,13 +39,7 @@ def _load(model: str, revision: str | None) -> tuple[Any, Any, Path]:
             else Path(cached_file(source, "config.json", revision=revision)).parent
         )
     except (OSError, ValueError) as exc:
-        where = f"revision {revision}" if revision else "its default revision"
-        raise UserError(
-            f"cannot load model {model!r} ({where}): {str(exc).splitlines()[0]}. Without network "
-            f"access, download it first (huggingface-cli download {model}"
-            f"{' --revision ' + revision if revision else ''}) or pass a local directory as "
-            "extractor.model"
-        ) from None
+        raise model_unavailable(model, revision, exc) from None
     return extractor, network, folder
 
 

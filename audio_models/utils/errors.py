@@ -10,6 +10,18 @@ class UserError(Exception):
     """
 
 
+def model_unavailable(model: str, revision: str | None, exc: BaseException) -> UserError:
+    """The one message for a hub model that cannot be loaded (offline, not cached, no such
+    repository): what failed and how to make it available."""
+    where = f"revision {revision}" if revision else "its default revision"
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(
+        f"cannot load model {model!r} ({where}): {first}. Without network access, download it "
+        f"first (huggingface-cli download {model}{' --revision ' + revision if revision else ''})"
+        " or pass a local directory as extractor.model"
+    )
+
+
 class ExtractionError(Exception):
     """An item could not be processed at a given stage; becomes a row in ``failures.parquet``."""
 

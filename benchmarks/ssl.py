@@ -257,7 +257,12 @@ def ddp_scaling(folder: Path, corpus: Path, tmp: Path, audio_s: float, args: Any
     results = {}
     for devices in (1, n):
         wall, features = cli_runner(
-            folder, corpus, tmp / f"ddp{devices}", args.device, devices, per_rank_workers
+            folder,
+            corpus,
+            tmp / f"ddp-{folder.name}-{devices}",
+            args.device,
+            devices,
+            per_rank_workers,
         )
         results[devices] = (audio_s / wall, pd.read_parquet(features).sort_values("id"))
     (one, a), (many, b) = results[1], results[n]

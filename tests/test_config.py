@@ -114,6 +114,7 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         ("device", "auto"): DeviceSpec,
         ("device", "cpu"): DeviceSpec,
         ("device", "cuda"): DeviceSpec,
+        ("device", "ddp"): DeviceSpec,
         ("tracking", "mlflow"): MlflowTracker,
         ("tracking", "off"): NullTracker,
     }
@@ -132,6 +133,8 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
     assert (
         instantiate(compose_extract(["device=cuda", "output_dir=x"]).device).accelerator == "cuda"
     )
+    ddp = instantiate(compose_extract(["device=ddp", "output_dir=x"]).device)
+    assert ddp.distributed and ddp.trainer_kwargs()["use_distributed_sampler"] is False
 
 
 def test_misspelt_key_fails_against_the_schema() -> None:

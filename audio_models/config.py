@@ -75,11 +75,9 @@ class SerConfig:
 
 
 @dataclass
-class SslConfig:
-    _target_: str = "audio_models.speech.ssl.SelfSupervisedExtractor"
-    name: str = "xlsr"
-    model: str = "facebook/wav2vec2-large-xlsr-53"
-    revision: str | None = None
+class SslOutputConfig:
+    """What every wav2vec2-family extractor takes beside where its model comes from."""
+
     layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
     pooling: str = "mean"  # none | mean | mean_std
     sample_rate: int = 16000
@@ -90,18 +88,19 @@ class SslConfig:
 
 
 @dataclass
-class FairseqSslConfig:
+class SslConfig(SslOutputConfig):
+    _target_: str = "audio_models.speech.ssl.SelfSupervisedExtractor"
+    name: str = "xlsr"
+    model: str = "facebook/wav2vec2-large-xlsr-53"
+    revision: str | None = None
+
+
+@dataclass
+class FairseqSslConfig(SslOutputConfig):
     _target_: str = "audio_models.speech.ssl.FairseqCheckpointExtractor"
     name: str = "hubert_fairseq"
     checkpoint: str = MISSING  # path of a fairseq HuBERT / wav2vec 2.0 .pt file
     sha256: str | None = None
-    layers: Any = field(default_factory=lambda: [-1])
-    pooling: str = "mean"
-    sample_rate: int = 16000
-    max_chunk_s: float | None = 30.0
-    overlap_s: float = 2.0
-    chunk_batch: int = 4
-    storage_dtype: str = "float32"
 
 
 @dataclass

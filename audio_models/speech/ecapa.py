@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from audio_models.data.datasets import default_cache_dir
 from audio_models.extractor import Extractor, OutputKind
 from audio_models.utils.errors import UserError, model_unavailable
 from audio_models.utils.provenance import sha256_file
@@ -110,8 +111,9 @@ class EcapaExtractor(Extractor):
         overrides = (
             {"pretrained_path": source} if re.search(r"^pretrained_path:", text, re.M) else {}
         )
-        cache = Path(os.environ.get("AUDIO_MODELS_CACHE", "~/.cache/audio_models")).expanduser()
-        savedir = cache / "speechbrain" / re.sub(r"[^\w.-]+", "_", f"{source}@{revision}")
+        savedir = (
+            default_cache_dir() / "speechbrain" / re.sub(r"[^\w.-]+", "_", f"{source}@{revision}")
+        )
         try:
             classifier = EncoderClassifier.from_hparams(
                 source=source,

@@ -43,6 +43,12 @@ def _load(model: str, revision: str | None) -> tuple[Any, Any, Path]:
     return extractor, network, folder
 
 
+def _checked_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
+    return pooling
+
+
 def weights_sha256(folder: Path) -> str:
     """SHA-256 of the weights file the model was loaded from ('unknown' if none is found)."""
     for name in _WEIGHT_FILES:
@@ -84,9 +90,7 @@ class SelfSupervisedExtractor(Extractor):
         storage_dtype: str = "float32",
     ) -> None:
         super().__init__(name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
-        if pooling not in POOLINGS:
-            raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
+        self.pooling = _checked_pooling(pooling)  # before the (slow) model load
         self.model_id = model
         self.revision = revision
         feature_extractor, network, folder = _load(model, revision)
@@ -352,9 +356,7 @@ class FairseqCheckpointExtractor(SelfSupervisedExtractor):
         from audio_models.speech.fairseq_checkpoint import load_fairseq_model
 
         Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
-        if pooling not in POOLINGS:
-            raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
+        self.pooling = _checked_pooling(pooling)  # before the (slow) model load
         path = Path(checkpoint).expanduser()
         self.model_id, self.revision = str(path), None
         digest = sha256_file(path) if path.is_file() else None

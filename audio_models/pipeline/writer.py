@@ -409,6 +409,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 "named like an output column: rename it, or the extractor's output column)"
             )
         self.rank_stats: list[dict[str, float]] = []  # per rank, in a distributed run
+        self._started = time.perf_counter()  # reset in setup: this rank's predict time
         self.n_processed = 0  # items this invocation processed (written or failed)
         self.n_skipped = 0  # items a previous run had committed
         self.n_failed_now = 0
@@ -444,7 +445,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._commit()
         if trainer.world_size > 1:
-            wall = time.perf_counter() - getattr(self, "_started", time.perf_counter())
+            wall = time.perf_counter() - self._started
             mine = torch.tensor(
                 [self.n_processed, self.n_failed_now, self.n_skipped, self.audio_seconds_now, wall],
                 dtype=torch.float64,

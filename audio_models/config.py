@@ -115,6 +115,18 @@ class EcapaConfig:
     storage_dtype: str = "float32"
 
 
+@dataclass
+class S2tConfig:
+    _target_: str = "audio_models.speech.s2t.Speech2TextExtractor"
+    name: str = "s2t"
+    model: str = "facebook/s2t-small-librispeech-asr"
+    revision: str | None = None
+    num_beams: int | None = None  # None: the model's generation config
+    max_new_tokens: int | None = None
+    batch_audio_s: float | None = 240.0  # used when loader.batch_audio_s is unset
+    sample_rate: int = 16000
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
@@ -126,6 +138,7 @@ for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
     register_extractor(_ssl, SslConfig)
 register_extractor("hubert_fairseq", FairseqSslConfig)
 register_extractor("ecapa", EcapaConfig)
+register_extractor("s2t", S2tConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 
@@ -150,6 +163,7 @@ class FolderDatasetConfig:
     )
     label_regex: str | None = None
     label_column: str | None = None
+    text_column: str | None = None  # reference transcripts: transcription runs log WER
 
 
 @dataclass
@@ -163,6 +177,7 @@ class ManifestDatasetConfig:
     end_column: str = "end"
     label_columns: list[str] | None = None
     label_column: str | None = None
+    text_column: str | None = None  # reference transcripts: transcription runs log WER
 
 
 # -- device and tracking ------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Cross-validated linear probes: how well a feature set predicts a label.
+"""Evaluation: cross-validated linear probes, and word error rates of transcripts.
+
+A linear probe says how well a feature set predicts a label.
 
 Shared by ``runners.compare`` (which feature set predicts my labels best) and
 ``runners.train_ser`` (the splitter). Folds are grouped by speaker when a group column is
@@ -10,11 +12,61 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import jiwer
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from audio_models.utils.errors import UserError
+
+#: WER compares words, not spelling conventions: case and punctuation are dropped first
+#: (apostrophes stay, "don't" is one word), as LibriSpeech-style references are written.
+_WER_TRANSFORM = jiwer.Compose(
+    [
+        jiwer.ToLowerCase(),
+        jiwer.SubstituteRegexes({r"[^\w\s']": " "}),
+        jiwer.RemoveMultipleSpaces(),
+        jiwer.Strip(),
+        jiwer.ReduceToListOfListOfWords(),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class WordErrors:
+    """Corpus-level word error rate and its parts (counts over all items)."""
+
+    wer: float
+    n_ref_words: int
+    substitutions: int
+    deletions: int
+    insertions: int
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> WordErrors:
+    """Corpus WER, ``(S + D + I) / N``, after lower-casing and dropping punctuation.
+
+    Items whose reference is empty after normalisation are left out (their WER is undefined).
+
+    Raises:
+        ValueError: the lists differ in length, or no reference has a word.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    kept = [
+        (r, h) for r, h in zip(references, hypotheses, strict=True) if _WER_TRANSFORM(r) != [[]]
+    ]
+    if not kept:
+        raise ValueError("no reference transcript has a word")
+    out = jiwer.process_words(
+        [r for r, _ in kept],
+        [h for _, h in kept],
+        reference_transform=_WER_TRANSFORM,
+        hypothesis_transform=_WER_TRANSFORM,
+    )
+    n_ref = out.hits + out.substitutions + out.deletions
+    return WordErrors(out.wer, n_ref, out.substitutions, out.deletions, out.insertions)
+
 
 #: metric name → scikit-learn scorer; UAR (unweighted average recall) is balanced accuracy.
 SCORERS = {"accuracy": "accuracy", "uar": "balanced_accuracy", "macro_f1": "f1_macro"}

@@ -25,6 +25,7 @@ class OutputKind(StrEnum):
 
     VECTOR = "vector"  # one fixed-size vector
     FRAMES = "frames"  # an (n_frames, dim) matrix with a fixed frame shift
+    TRANSCRIPT = "transcript"  # text with timed segments and words (a :class:`Transcript`)
 
 
 @dataclass
@@ -33,6 +34,48 @@ class Output:
 
     values: np.ndarray
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Word:
+    """One word with its time span (seconds from the start of the signal given to the
+    extractor; ``None`` where the aligner could not place it) and alignment score."""
+
+    word: str
+    start: float | None = None
+    end: float | None = None
+    score: float | None = None
+    speaker: str | None = None
+
+
+@dataclass
+class Segment:
+    """A stretch of speech with its text, time span (seconds) and words."""
+
+    text: str
+    start: float
+    end: float
+    speaker: str | None = None
+    avg_logprob: float | None = None
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass
+class Transcript:
+    """What a speech recogniser produced for one item. A recording without speech is an empty
+    transcript (``text == ""``, no segments), not a failure.
+
+    Args:
+        text: the whole transcript.
+        language: language code used or detected.
+        scores: model scores (e.g. ``avg_logprob``, ``language_probability``).
+        segments: timed segments, in order.
+    """
+
+    text: str
+    language: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
 
 
 class Extractor:
@@ -47,6 +90,12 @@ class Extractor:
     uses_transform: ClassVar[bool] = False
     #: Whether :meth:`forward` does the work (batched, on the device).
     uses_forward: ClassVar[bool] = False
+    #: Whether :meth:`forward` wants its batch on the host (CPU tensors): for models that
+    #: take numpy audio and move their own work to the device (whisperX, say).
+    host_batch: ClassVar[bool] = False
+    #: Padded seconds per batch this model batches well at, used when the loader's
+    #: ``batch_audio_s`` is unset (a config value of the extractor, not a decision).
+    batch_audio_s: float | None = None
     #: Keys of ``requirements.csv`` whose checkouts the extractor reads; a dirty one gets its
     #: diff logged with the run so the numbers stay reproducible.
     upstreams: tuple[str, ...] = ()
@@ -102,7 +151,9 @@ class Extractor:
         """
         raise NotImplementedError(f"{type(self).__name__} has no per-item transform")
 
-    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> list[torch.Tensor] | list[Transcript]:
         """Compute features of a zero-padded ``(batch, samples)`` batch on its device.
 
         Args:
@@ -110,7 +161,8 @@ class Extractor:
             lengths: number of valid samples of each row.
 
         Returns:
-            One tensor per row: a vector or an ``(n_frames, dim)`` matrix.
+            One result per row: a vector or an ``(n_frames, dim)`` matrix, or a
+            :class:`Transcript` for ``TRANSCRIPT`` extractors.
         """
         raise NotImplementedError(f"{type(self).__name__} has no batched forward")
 

@@ -33,11 +33,12 @@ import audio_models.config  # noqa: F401  (registers the structured configs)
 from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
 from audio_models.data.datasets import AudioDataset
 from audio_models.data.loader import ExtractionDataModule, Preflight
-from audio_models.extractor import Extractor
+from audio_models.evaluation import word_error_rate
+from audio_models.extractor import Extractor, OutputKind
 from audio_models.pipeline.device import DeviceSpec, is_launch_rank_zero, use_onednn_linears
 from audio_models.pipeline.module import ExtractionModule
 from audio_models.pipeline.progress import ThroughputProgressBar
-from audio_models.pipeline.writer import OutputStore, ParquetFeatureWriter
+from audio_models.pipeline.writer import TRANSCRIPT_TABLES, OutputStore, ParquetFeatureWriter
 from audio_models.sweep import current_job
 from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
@@ -116,6 +117,19 @@ def _totals(store: OutputStore) -> tuple[int, int, float]:
     return written, failed, audio
 
 
+def _wer_metrics(transcripts: Path, text_column: str) -> dict[str, float]:
+    """WER of the written transcripts against the dataset's reference column (items without
+    a reference are left out; failed items have no transcript and are not counted)."""
+    if not transcripts.exists():
+        return {}
+    table = pq.read_table(transcripts, columns=["text", text_column]).to_pylist()
+    pairs = [(row[text_column], row["text"]) for row in table if row[text_column] is not None]
+    if not pairs:
+        return {}
+    score = word_error_rate([str(r) for r, _ in pairs], [h or "" for _, h in pairs])
+    return {"wer": score.wer, "wer_ref_words": float(score.n_ref_words), "wer_items": len(pairs)}
+
+
 def extract(cfg: DictConfig) -> ExtractionResult:
     """Run one extraction as configured; see ``conf/extract.yaml``.
 
@@ -154,7 +168,14 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     fingerprint = dataset.fingerprint()
     config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
-    store = OutputStore(output_dir, config_hash, resume=cfg.resume)
+    transcribes = extractor.kind == OutputKind.TRANSCRIPT
+    store = OutputStore(
+        output_dir,
+        config_hash,
+        resume=cfg.resume,
+        main_name="transcripts.parquet" if transcribes else "features.parquet",
+        tables=TRANSCRIPT_TABLES if transcribes else None,
+    )
     if rank_zero:
         store.open()  # other ranks join it once the process group is up (writer.setup)
 
@@ -193,7 +214,11 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         config_hash=config_hash,
         done_keys=frozenset(store.done_keys),
         preflight=preflight,
-        batch_audio_s=cfg.loader.batch_audio_s,
+        batch_audio_s=(
+            cfg.loader.batch_audio_s
+            if cfg.loader.batch_audio_s is not None
+            else extractor.batch_audio_s
+        ),
     )
 
     commit, dirty = git_state()
@@ -284,6 +309,8 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         "peak_rss_mb": own_rss,
         "peak_rss_worker_mb": worker_rss,
     }
+    if transcribes and dataset.text_column is not None:
+        metrics.update(_wer_metrics(store.final_files[0], dataset.text_column))
     if writer.rank_stats:  # distributed: each rank's share and throughput
         metrics["world_size"] = float(len(writer.rank_stats))
         for rank, stats in enumerate(writer.rank_stats):

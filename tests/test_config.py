@@ -36,7 +36,16 @@ def _options(group: str) -> list[str]:
 
 
 # Extractors that need a model file to instantiate (tested in their own modules).
-MODEL_EXTRACTORS = {"ser", "xlsr", "wav2vec2", "hubert", "wavlm", "hubert_fairseq", "ecapa"}
+MODEL_EXTRACTORS = {
+    "ser",
+    "xlsr",
+    "wav2vec2",
+    "hubert",
+    "wavlm",
+    "hubert_fairseq",
+    "ecapa",
+    "s2t",
+}  # instantiated with tiny models in their own tests (test_transcribe: s2t)
 
 
 def test_every_extractor_option_is_tested() -> None:

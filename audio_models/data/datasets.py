@@ -33,10 +33,14 @@ def default_cache_dir() -> Path:
 class AudioDataset:
     """Base class: a named, fingerprinted list of :class:`Item`."""
 
-    def __init__(self, *, name: str, label_column: str | None = None) -> None:
+    def __init__(
+        self, *, name: str, label_column: str | None = None, text_column: str | None = None
+    ) -> None:
         self.name = name
         #: The primary label (what a probe or classifier predicts), if the dataset names one.
         self.label_column = label_column
+        #: The reference transcript column (transcription runs log WER against it).
+        self.text_column = text_column
         self._items: list[Item] | None = None
 
     def _load(self) -> list[Item]:
@@ -54,11 +58,13 @@ class AudioDataset:
             if dupes:
                 raise UserError(f"dataset {self.name!r} has duplicate item ids, e.g. {dupes}")
             names = {k for item in items for k in item.labels}
-            if self.label_column is not None and self.label_column not in names:
-                raise UserError(
-                    f"dataset.label_column={self.label_column!r} is not among its label columns "
-                    f"{sorted(names)}"
-                )
+            for option in ("label_column", "text_column"):
+                column = getattr(self, option)
+                if column is not None and column not in names:
+                    raise UserError(
+                        f"dataset.{option}={column!r} is not among its label columns "
+                        f"{sorted(names)}"
+                    )
             self._items = items
         return self._items
 
@@ -108,8 +114,9 @@ class FolderDataset(AudioDataset):
         pattern: Sequence[str] = AUDIO_PATTERNS,
         label_regex: str | None = None,
         label_column: str | None = None,
+        text_column: str | None = None,
     ) -> None:
-        super().__init__(name=name, label_column=label_column)
+        super().__init__(name=name, label_column=label_column, text_column=text_column)
         self.root = Path(root).expanduser()
         self.pattern = list(pattern)
         try:
@@ -152,6 +159,8 @@ class ManifestDataset(AudioDataset):
         id_column: column holding item ids; default: the path, plus ``@start-end`` for segments.
         start_column, end_column: optional segment bounds in seconds (empty: whole file).
         label_columns: columns to carry into the outputs; default: every other column.
+        label_column: the primary label (what a probe predicts).
+        text_column: the reference transcript (a transcription run logs WER against it).
     """
 
     def __init__(
@@ -165,8 +174,9 @@ class ManifestDataset(AudioDataset):
         end_column: str = "end",
         label_columns: Sequence[str] | None = None,
         label_column: str | None = None,
+        text_column: str | None = None,
     ) -> None:
-        super().__init__(name=name, label_column=label_column)
+        super().__init__(name=name, label_column=label_column, text_column=text_column)
         self.path = Path(path).expanduser()
         self.path_column = path_column
         self.id_column = id_column

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from audio_models.audio.io import ChannelPolicy, decode
 from audio_models.data.items import Item
-from audio_models.extractor import Extractor, Output
+from audio_models.extractor import Extractor, Output, Transcript
 from audio_models.utils.errors import ExtractionError
 
 
@@ -39,6 +39,7 @@ class Record:
     item: Item
     meta: dict[str, Any] = field(default_factory=dict)
     features: np.ndarray | None = None
+    transcript: Transcript | None = None  # what a TRANSCRIPT extractor produced
     extra: dict[str, str] = field(default_factory=dict)
     signal: np.ndarray | None = None
     failure: Failure | None = None
@@ -56,6 +57,7 @@ def fail(record: Record, stage: str, exc: BaseException) -> Record:
     record.failure = Failure(stage=stage, error_type=type(exc).__name__, message=str(exc)[:2000])
     record.signal = None
     record.features = None
+    record.transcript = None
     return record
 
 
@@ -385,8 +387,9 @@ class ExtractionDataModule(L.LightningDataModule):
     def transfer_batch_to_device(
         self, batch: Batch, device: torch.device, dataloader_idx: int
     ) -> Batch:
-        # Only the padded tensors travel; records (numpy, strings) stay on the host.
-        if batch.waveforms is not None:
+        # Only the padded tensors travel; records (numpy, strings) stay on the host, and so
+        # does everything for an extractor that moves its own work to the device.
+        if batch.waveforms is not None and not self.dataset.extractor.host_batch:
             batch.waveforms = batch.waveforms.to(device, non_blocking=True)
             batch.lengths = batch.lengths.to(device, non_blocking=True)
         return batch

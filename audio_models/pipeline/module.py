@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from audio_models.data.loader import Batch, Record, fail
-from audio_models.extractor import Extractor
+from audio_models.extractor import Extractor, Transcript
 
 
 class ExtractionModule(L.LightningModule):
@@ -81,4 +81,7 @@ class ExtractionModule(L.LightningModule):
                 f"extractor returned {len(outputs)} outputs for {len(records)} items"
             )
         for record, out in zip(records, outputs, strict=True):
-            record.features = out.detach().float().cpu().numpy()
+            if isinstance(out, Transcript):
+                record.transcript = out
+            else:
+                record.features = out.detach().float().cpu().numpy()

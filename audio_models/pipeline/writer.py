@@ -13,6 +13,12 @@ end of a run consolidates the parts into the final files:
 - ``frames/shard-N.parquet`` + ``frames/index.parquet`` (frame-level extractors): one row per
   frame (``id``, ``frame``, features); the index maps id → shard, offset, frame count, shift.
 - ``failures.parquet``: ``id``, ``path``, ``stage``, ``error_type``, ``message``, ``item_key``.
+- Transcription extractors write ``transcripts.parquet`` in place of ``features.parquet``
+  (metadata, labels, ``text``, ``language``, one column per model score) and two side tables,
+  ``segments.parquet`` (``id``, ``segment``, ``start``, ``end``, ``text``, ``speaker``,
+  ``avg_logprob``) and ``words.parquet`` (``id``, ``segment``, ``word_index``, ``word``,
+  ``start``, ``end``, ``score``, ``speaker``), times in seconds from the start of the recording.
+  Per batch they are committed as ``.progress/segments-N`` / ``words-N`` before the part.
 
 Every final file carries the settings hash in its Parquet metadata; outputs of other settings
 are never mixed in.
@@ -79,13 +85,39 @@ FAILURE_SCHEMA = pa.schema(
         ("item_key", pa.string()),
     ]
 )
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("segment", pa.int32()),
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("text", pa.string()),
+        ("speaker", pa.string()),
+        ("avg_logprob", pa.float64()),
+    ]
+)
+WORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("segment", pa.int32()),
+        ("word_index", pa.int32()),
+        ("word", pa.string()),
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("score", pa.float64()),
+        ("speaker", pa.string()),
+    ]
+)
+#: Side tables of transcription outputs: name → schema.
+TRANSCRIPT_TABLES = {"segments": SEGMENT_SCHEMA, "words": WORD_SCHEMA}
+TRANSCRIPT_COLUMNS = ("text", "language")
 INDEX_COLUMNS = ["id", "shard", "offset", "n_frames", "frame_shift_s"]
 PROGRESS = ".progress"
 HASH_KEY = b"audio_models.config_hash"
 RUN_KEY = b"audio_models.run_id"
 #: JSON list of the feature columns (of features.parquet, or of the frame shards).
 FEATURES_KEY = b"audio_models.feature_columns"
-_SEQ = re.compile(r"^(part|fail|shard)-(\d+)\.parquet$")
+_SEQ = re.compile(r"^([a-z]+)-(\d+)\.parquet$")
 
 
 def label_schema(items: list[Item], columns: list[str]) -> pa.Schema:
@@ -133,10 +165,25 @@ class OutputStore:
         config_hash: hash of everything that changes an item's output.
         resume: keep what a previous run with the same settings committed; ``False`` deletes
             the previous outputs first.
+        main_name: file name of the one-row-per-item table.
+        tables: side tables (name → schema) with any number of rows per item, committed per
+            batch beside the part and consolidated to ``<name>.parquet``.
     """
 
-    def __init__(self, output_dir: str | Path, config_hash: str, *, resume: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        config_hash: str,
+        *,
+        resume: bool = True,
+        main_name: str = "features.parquet",
+        tables: dict[str, pa.Schema] | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
+        self.main_name = main_name
+        self.tables = dict(tables or {})
+        if {"part", "fail", "shard"} & set(self.tables):
+            raise ValueError("side table names part, fail and shard are taken")
         self.config_hash = config_hash
         self.resume = resume
         self.progress = self.output_dir / PROGRESS
@@ -149,7 +196,12 @@ class OutputStore:
 
     @property
     def final_files(self) -> list[Path]:
-        return [self.output_dir / "features.parquet", self.output_dir / "failures.parquet"]
+        """The one-row-per-item table and the failures."""
+        return [self.output_dir / self.main_name, self.output_dir / "failures.parquet"]
+
+    @property
+    def table_files(self) -> dict[str, Path]:
+        return {name: self.output_dir / f"{name}.parquet" for name in self.tables}
 
     def open(self) -> None:
         """Check the directory against the settings, clean leftovers, collect done keys.
@@ -163,7 +215,7 @@ class OutputStore:
         if not self.resume:
             shutil.rmtree(self.progress, ignore_errors=True)
             shutil.rmtree(self.frames, ignore_errors=True)
-            for path in self.final_files:
+            for path in [*self.final_files, *self.table_files.values()]:
                 path.unlink(missing_ok=True)
         state = self.progress / "state.json"
         features, failures = self.final_files
@@ -183,6 +235,9 @@ class OutputStore:
                 features.replace(self.progress / "part-000000.parquet")
             if failures.exists():
                 failures.replace(self.progress / "fail-000000.parquet")
+            for name, path in self.table_files.items():
+                if path.exists():
+                    path.replace(self.progress / f"{name}-000000.parquet")
             (self.frames / "index.parquet").unlink(missing_ok=True)
         self.progress.mkdir(exist_ok=True)
         for folder in (self.progress, self.frames):
@@ -206,7 +261,12 @@ class OutputStore:
         parts = _seq_files(self.progress, "part")
         fails = _seq_files(self.progress, "fail")
         shards = _seq_files(self.frames, "shard")
+        sides = {name: _seq_files(self.progress, name) for name in self.tables}
         if prune:
+            for files in sides.values():
+                for seq, path in files.items():
+                    if seq not in parts:
+                        path.unlink()  # written, but its part never committed
             referenced: set[str] = set()
             for path in parts.values():
                 if "shard" in pq.read_schema(path).names:
@@ -219,7 +279,8 @@ class OutputStore:
             self.done_keys.update(pq.read_table(path, columns=["item_key"]).column(0).to_pylist())
         self.resumed = bool(self.done_keys)
         # New batches never reuse a number that a part, failure file or shard already has.
-        self._next = max([*parts, *fails, *shards, -1]) + 1
+        side_seqs = [seq for files in sides.values() for seq in files]
+        self._next = max([*parts, *fails, *shards, *side_seqs, -1]) + 1
 
     def _check_hash(self, found: str | None, where: str) -> None:
         if found != self.config_hash:
@@ -239,9 +300,17 @@ class OutputStore:
         return seq
 
     def commit(
-        self, seq: int, part: pa.Table | None, failures: pa.Table | None, frames: pa.Table | None
+        self,
+        seq: int,
+        part: pa.Table | None,
+        failures: pa.Table | None,
+        frames: pa.Table | None,
+        tables: dict[str, pa.Table] | None = None,
     ) -> None:
-        """Write one batch: frames first, then failures, then the part that indexes the frames."""
+        """Write one batch: frames and side tables first, then failures, then the part that
+        indexes them (the part's rename is the commit)."""
+        for name, table in (tables or {}).items():
+            _atomic_write(table, self.progress / f"{name}-{seq:06d}.parquet")
         if frames is not None:
             self.frames.mkdir(exist_ok=True)
             _atomic_write(frames, self.frames / f"shard-{seq:06d}.parquet")
@@ -290,6 +359,22 @@ class OutputStore:
             )
         else:
             _atomic_write(FAILURE_SCHEMA.empty_table().replace_schema_metadata(metadata), failures)
+        for name, target in self.table_files.items():
+            sides = _seq_files(self.progress, name)
+            if not sides:
+                empty = self.tables[name].empty_table().replace_schema_metadata(metadata)
+                _atomic_write(empty, target)
+                continue
+            # A side row stands when its item's row in the part of the same batch does.
+            masks = []
+            for seq, path in sides.items():
+                kept: set[str] = set()
+                if seq in parts:
+                    ids = pq.read_table(parts[seq], columns=["id"]).column(0).to_pylist()
+                    kept = {i for i, k in zip(ids, keep[(seq, 1)], strict=True) if k}
+                ids = pq.read_table(path, columns=["id"]).column(0).to_pylist()
+                masks.append(np.array([i in kept for i in ids], dtype=bool))
+            _concat(list(sides.values()), target, metadata, row_group_rows, masks)
         # The rename is the commit: before it a rerun redoes the consolidation from the parts,
         # after it the final files stand. Only then is the folder deleted.
         done = self.output_dir / f"{PROGRESS}.done-{os.getpid()}"
@@ -297,7 +382,7 @@ class OutputStore:
         shutil.rmtree(done)
 
     def output_files(self) -> list[Path]:
-        files = [f for f in self.final_files if f.exists()]
+        files = [f for f in [*self.final_files, *self.table_files.values()] if f.exists()]
         if self.frames.is_dir():
             files += sorted(self.frames.glob("*.parquet"))
         return files
@@ -396,6 +481,8 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.row_group_rows = row_group_rows
         self.run_id: str | None = None
         taken = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names) | {"features", "frame"}
+        if kind == OutputKind.TRANSCRIPT:
+            taken |= set(TRANSCRIPT_COLUMNS)
         columns = (
             [n for n, _ in feature_groups] if feature_groups and kind == OutputKind.VECTOR else None
         )
@@ -499,7 +586,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
             self.n_processed += 1
             if record.failure is None and record.features is not None:
                 self._check_shape(record)
-            if record.failure is not None or record.features is None:
+            if record.failure is not None or (
+                record.features is None and record.transcript is None
+            ):
                 failures.append(record)
             else:
                 done.append(record)
@@ -508,9 +597,14 @@ class ParquetFeatureWriter(BasePredictionWriter):
             return
         seq = self.store.next_seq()
         part = frames = None
-        if done:
+        tables: dict[str, pa.Table] = {}
+        if done and self.kind == OutputKind.TRANSCRIPT:
+            part, tables = self._transcript_tables(done)
+        elif done:
             part, frames = self._tables(done, seq)
-        self.store.commit(seq, part, self._failure_table(failures) if failures else None, frames)
+        self.store.commit(
+            seq, part, self._failure_table(failures) if failures else None, frames, tables
+        )
 
     def record_crashes(self, crashed: list[tuple[Item, str]], message: str) -> None:
         """Commit failure rows for items whose worker process died, so a rerun skips them."""
@@ -607,6 +701,54 @@ class ParquetFeatureWriter(BasePredictionWriter):
         columns["shard"] = pa.array([f"frames/shard-{seq:06d}.parquet"] * len(records), pa.string())
         columns["offset"] = pa.array(offsets, pa.int64())
         return pa.table(columns), pa.table(frame_cols)
+
+    def _transcript_tables(self, records: list[Record]) -> tuple[pa.Table, dict[str, pa.Table]]:
+        """The transcripts part plus its segments and words; times move from the decoded
+        signal's start to the recording's (a manifest segment starts at its ``start``)."""
+        columns = self._meta_columns(records)
+        transcripts = [r.transcript for r in records]
+        columns["text"] = pa.array([t.text for t in transcripts], pa.string())
+        columns["language"] = pa.array([t.language for t in transcripts], pa.string())
+        for name in self.feature_names or []:
+            columns[name] = pa.array([t.scores.get(name) for t in transcripts], pa.float64())
+        segments: dict[str, list[Any]] = {name: [] for name in SEGMENT_SCHEMA.names}
+        words: dict[str, list[Any]] = {name: [] for name in WORD_SCHEMA.names}
+
+        def shifted(value: float | None, offset: float) -> float | None:
+            return None if value is None else float(value) + offset
+
+        for record, transcript in zip(records, transcripts, strict=True):
+            offset = float(record.meta.get("start") or 0.0)
+            for s_index, segment in enumerate(transcript.segments):
+                row = (
+                    record.item.id,
+                    s_index,
+                    shifted(segment.start, offset),
+                    shifted(segment.end, offset),
+                    segment.text,
+                    segment.speaker,
+                    segment.avg_logprob,
+                )
+                for name, value in zip(SEGMENT_SCHEMA.names, row, strict=True):
+                    segments[name].append(value)
+                for w_index, word in enumerate(segment.words):
+                    row = (
+                        record.item.id,
+                        s_index,
+                        w_index,
+                        word.word,
+                        shifted(word.start, offset),
+                        shifted(word.end, offset),
+                        word.score,
+                        word.speaker,
+                    )
+                    for name, value in zip(WORD_SCHEMA.names, row, strict=True):
+                        words[name].append(value)
+        tables = {
+            "segments": pa.table(segments, schema=SEGMENT_SCHEMA),
+            "words": pa.table(words, schema=WORD_SCHEMA),
+        }
+        return pa.table(columns), tables
 
     def output_files(self) -> list[Path]:
         """The finished output files."""

@@ -16,30 +16,20 @@ from typing import Any
 import torch
 
 from audio_models.extractor import Extractor, OutputKind
-from audio_models.utils.errors import UserError, model_unavailable
+from audio_models.speech.hub import hub_provenance, load_pretrained
+from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
 
 POOLINGS = ("none", "mean", "mean_std")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _load(model: str, revision: str | None) -> tuple[Any, Any, Path]:
-    """Config, model and the folder the files came from; a clear error when unavailable."""
+    """Feature extractor, model and the folder the files came from."""
     from transformers import AutoFeatureExtractor, AutoModel
-    from transformers.utils import cached_file
 
-    local = Path(model).expanduser()
-    source = str(local) if local.is_dir() else model
-    try:
-        extractor = AutoFeatureExtractor.from_pretrained(source, revision=revision)
-        network = AutoModel.from_pretrained(source, revision=revision)
-        folder = (
-            local
-            if local.is_dir()
-            else Path(cached_file(source, "config.json", revision=revision)).parent
-        )
-    except (OSError, ValueError) as exc:
-        raise model_unavailable(model, revision, exc) from None
+    (extractor, network), folder = load_pretrained(
+        model, revision, [AutoFeatureExtractor.from_pretrained, AutoModel.from_pretrained]
+    )
     return extractor, network, folder
 
 
@@ -47,15 +37,6 @@ def _checked_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
     return pooling
-
-
-def weights_sha256(folder: Path) -> str:
-    """SHA-256 of the weights file the model was loaded from ('unknown' if none is found)."""
-    for name in _WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            return sha256_file(path)
-    return "unknown"
 
 
 class SelfSupervisedExtractor(Extractor):
@@ -96,18 +77,7 @@ class SelfSupervisedExtractor(Extractor):
         feature_extractor, network, folder = _load(model, revision)
         self._setup(network, feature_extractor, layers, sample_rate)
         self._plan_chunks(max_chunk_s, overlap_s, chunk_batch)
-        self._provenance.update(
-            {
-                "ssl.model": model,
-                "ssl.revision": revision or "local"
-                if Path(model).expanduser().is_dir()
-                else str(revision),
-                "ssl.resolved_commit": str(
-                    getattr(network.config, "_commit_hash", None) or "local"
-                ),
-                "ssl.weights_sha256": weights_sha256(folder),
-            }
-        )
+        self._provenance.update(hub_provenance("ssl", model, revision, network, folder))
 
     def _setup(
         self, network: Any, feature_extractor: Any, layers: list[int] | str, sample_rate: int

@@ -127,6 +127,34 @@ class S2tConfig:
     sample_rate: int = 16000
 
 
+@dataclass
+class WhisperXConfig:
+    _target_: str = "audio_models.speech.whisper.WhisperXExtractor"
+    name: str = "whisperx"
+    model: str = "small"  # size name, CTranslate2 hub id, or local CTranslate2 directory
+    revision: str | None = None
+    compute_type: str = "default"  # default: float16 on CUDA, float32 on CPU
+    batch_size: int = 16  # VAD chunks of one file per generate
+    language: str | None = None  # None: detected per file
+    beam_size: int = 5
+    max_new_tokens: int | None = None
+    vad_method: str = "pyannote"  # pyannote (bundled, offline) | silero (downloads)
+    vad_onset: float = 0.5
+    vad_offset: float = 0.363
+    chunk_size: int = 30
+    align: bool = True
+    align_model: str | None = None  # None: whisperX's default for the language
+    align_model_dir: str | None = None
+    interpolate_method: str = "nearest"
+    diarize: bool = False
+    diarize_model: str = "pyannote/speaker-diarization-community-1"
+    hf_token_env: str = "HF_TOKEN"  # the token is read from this variable, never logged
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+    download_root: str | None = None
+    sample_rate: int = 16000
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
@@ -139,6 +167,7 @@ for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
 register_extractor("hubert_fairseq", FairseqSslConfig)
 register_extractor("ecapa", EcapaConfig)
 register_extractor("s2t", S2tConfig)
+register_extractor("whisperx", WhisperXConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 

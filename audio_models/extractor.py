@@ -171,6 +171,10 @@ class Extractor:
         extractor that regroups rows to avoid padding reports less than the batch holds)."""
         return int(lengths.numel() * lengths.max() - lengths.sum()) if lengths.numel() else 0
 
+    def on_device(self, device: torch.device) -> None:
+        """Called once the run's device is known, before the first batch: for models that
+        are not a :meth:`torch_module` Lightning could move (CTranslate2, say)."""
+
     def torch_module(self) -> torch.nn.Module | None:
         """The module whose parameters/buffers must live on the device, if any."""
         return None

@@ -119,3 +119,158 @@ def save_random_s2t(folder: Path, *, seed: int = 0, **size: Any) -> Path:
     model.generation_config.num_beams = 1
     model.save_pretrained(folder)
     return folder
+
+
+WHISPER_LANGUAGES = ("en", "de", "fr", "es", "it")
+TINY_WHISPER = {"d_model": 32, "layers": 2, "heads": 2, "ffn": 64, "vocab": 400}
+# openai/whisper-base: 6 + 6 layers, d_model 512, 8 heads (the vocabulary size barely matters).
+BASE_WHISPER = {"d_model": 512, "layers": 6, "heads": 8, "ffn": 2048, "vocab": 2000}
+
+
+def _whisper_tokenizer(vocab: int) -> tuple[Any, list[str]]:
+    """A byte-level BPE trained on :data:`SENTENCES` plus Whisper's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    special = [
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES],
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        "<|notimestamps|>",
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([" " + s for s in SENTENCES] * 3, trainer)
+    tokenizer.add_special_tokens(special)
+    return tokenizer, special
+
+
+def save_random_whisper_ct2(folder: Path, *, seed: int = 0, **size: Any) -> Path:
+    """A random multilingual Whisper converted to CTranslate2 in ``folder`` (what
+    ``whisperx.load_model`` takes as a local model), with ``tokenizer.json`` and
+    ``preprocessor_config.json`` beside it so faster-whisper never reaches for the hub.
+
+    The transformers checkpoint it was converted from stays beside it, in ``<folder>-hf``.
+    """
+    import ctranslate2
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+
+    size = {**TINY_WHISPER, **size}
+    hf = folder.with_name(folder.name + "-hf")
+    hf.mkdir(parents=True, exist_ok=True)
+    bpe, special = _whisper_tokenizer(size["vocab"])
+    eot = "<|endoftext|>"
+    tokenizer = WhisperTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token=eot,
+        bos_token=eot,
+        eos_token=eot,
+        pad_token=eot,
+        additional_special_tokens=special[1:],
+    )
+    tokenizer.save_pretrained(hf)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(hf)  # whisperX has 80/128 filters
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
+    # Timestamps fill the vocabulary after the text tokens; one slot more than Whisper's 1501
+    # becomes the empty-string token by which CTranslate2 recognises a multilingual model.
+    config = WhisperConfig(
+        vocab_size=len(tokenizer) + 1502,
+        num_mel_bins=80,
+        d_model=size["d_model"],
+        encoder_layers=size["layers"],
+        decoder_layers=size["layers"],
+        encoder_attention_heads=size["heads"],
+        decoder_attention_heads=size["heads"],
+        encoder_ffn_dim=size["ffn"],
+        decoder_ffn_dim=size["ffn"],
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=ids[eot],
+        bos_token_id=ids[eot],
+        eos_token_id=ids[eot],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        suppress_tokens=[],
+        begin_suppress_tokens=[ids[eot]],
+        init_std=size.get("init_std", 0.02),
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    # A random decoder spreads its guesses over the ~1500 timestamp and special tokens, which
+    # whisperX drops from the text, and over byte pieces: zero every embedding (tied to the
+    # output layer) but those of whole words ("Ġword") and the end of text, so the random
+    # transcripts are words that an aligner can place.
+    with torch.no_grad():
+        for token, index in tokenizer.get_vocab().items():
+            if index != ids[eot] and not (token.startswith("Ġ") and token[1:].isalpha()):
+                model.model.decoder.embed_tokens.weight[index] = 0.0
+        model.model.decoder.embed_tokens.weight[len(tokenizer) :] = 0.0
+    generation = model.generation_config
+    generation.lang_to_id = {f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES}
+    generation.suppress_tokens = []
+    generation.begin_suppress_tokens = [ids[eot]]
+    model.save_pretrained(hf)
+    converter = ctranslate2.converters.TransformersConverter(
+        str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]
+    )
+    converter.convert(str(folder), force=True)
+    vocabulary_file = folder / "vocabulary.json"
+    vocabulary = json.loads(vocabulary_file.read_text())
+    vocabulary[-1] = ""
+    vocabulary_file.write_text(json.dumps(vocabulary))
+    return folder
+
+
+TINY_CTC = {"d_model": 32, "layers": 2, "heads": 2, "ffn": 37}
+
+
+def save_random_ctc_aligner(folder: Path, *, seed: int = 0, **size: Any) -> Path:
+    """A random ``Wav2Vec2ForCTC`` with a character vocabulary (``|`` = word boundary), saved
+    with its processor: a whisperX alignment model (``align_model`` = this folder)."""
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    size = {**TINY_CTC, **size}
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz'"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
+    vocab.update({c: 5 + i for i, c in enumerate(letters)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), word_delimiter_token="|")
+    features = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True
+    )
+    Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(folder)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab),
+        hidden_size=size["d_model"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        intermediate_size=size["ffn"],
+        conv_dim=(32, 32, 32, 32, 32, 32, 32),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    Wav2Vec2ForCTC(config).eval().save_pretrained(folder)
+    return folder

@@ -45,7 +45,8 @@ MODEL_EXTRACTORS = {
     "hubert_fairseq",
     "ecapa",
     "s2t",
-}  # instantiated with tiny models in their own tests (test_transcribe: s2t)
+    "whisperx",
+}  # instantiated with tiny models in their own tests (test_transcribe: s2t, whisperx)
 
 
 def test_every_extractor_option_is_tested() -> None:

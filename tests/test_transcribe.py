@@ -192,3 +192,185 @@ def test_s2t_option_instantiates(tiny_s2t: Path) -> None:
     assert extractor.provenance()["s2t.revision"] == "local"
     default = compose_extract(["extractor=s2t", "output_dir=x"]).extractor.model
     assert default == "facebook/s2t-small-librispeech-asr"
+
+
+# -- whisperX ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from benchmarks.asr_models import save_random_ctc_aligner, save_random_whisper_ct2
+
+    root = tmp_path_factory.mktemp("whisper")
+    return save_random_whisper_ct2(root / "ct2"), save_random_ctc_aligner(root / "align")
+
+
+def _whisper_overrides(tiny_whisper: tuple[Path, Path]) -> list[str]:
+    model, aligner = tiny_whisper
+    return [
+        "extractor=whisperx",
+        f"extractor.model={model}",
+        f"extractor.align_model={aligner}",
+        "extractor.language=en",
+        "extractor.max_new_tokens=12",
+        "extractor.batch_size=4",
+    ]
+
+
+def _times_inside(words: pd.DataFrame, segments: pd.DataFrame, bounds: pd.DataFrame) -> None:
+    """Every time lies inside its recording (item bounds) and words never go backwards."""
+    for table in (segments, words):
+        timed = table.dropna(subset=["start", "end"])
+        lo = bounds.loc[timed["id"], "start"].to_numpy()
+        hi = bounds.loc[timed["id"], "end"].to_numpy()
+        assert (timed["start"].to_numpy() >= lo - 1e-6).all()
+        assert (timed["end"].to_numpy() <= hi + 1e-6).all()
+        assert (timed["start"] <= timed["end"]).all()
+    for _, group in words.dropna(subset=["start"]).groupby("id"):
+        ordered = group.sort_values(["segment", "word_index"])
+        assert ordered["start"].is_monotonic_increasing
+
+
+def test_whisperx_runner_equals_whisperx_called_directly(
+    make_cfg, mlflow_store, tiny_whisper, speech_dir: Path, tmp_path: Path
+) -> None:
+    import whisperx
+
+    uri, tracking = mlflow_store
+    manifest = _harvard_manifest(tmp_path / "data")
+    result = extract(
+        make_cfg(
+            *_whisper_overrides(tiny_whisper),
+            "dataset=manifest",
+            f"dataset.path={manifest}",
+            "dataset.path_column=file",
+            "dataset.text_column=transcript",
+            *tracking,
+        )
+    )
+    ids = {str(p) for p in HARVARD.glob("*.wav")}
+    transcripts, segments, words = _check_tables(result.output_dir, ids)
+    assert (transcripts["language"] == "en").all() and len(words) > 0
+    _times_inside(words, segments, transcripts.set_index("id"))
+    run = mlflow.MlflowClient(uri).get_run(result.run_id)
+    assert "wer" in run.data.metrics and run.data.metrics["wer_ref_words"] == 71
+    assert run.data.tags["provenance.whisperx.sentence_splitter"] in {
+        "punkt_tab",
+        "untrained-punkt",
+    }
+    # The reference: whisperX's own calls on its own audio loading, the same model.
+    model, aligner = tiny_whisper
+    pipeline = whisperx.load_model(str(model), "cpu", compute_type="float32", language="en")
+    pipeline.model.max_length = 12
+    align_model, metadata = whisperx.load_align_model("en", "cpu", model_name=str(aligner))
+    for path in sorted(ids)[:4]:
+        audio = whisperx.load_audio(path)
+        direct = pipeline.transcribe(audio, batch_size=4, language="en")
+        direct = whisperx.align(direct["segments"], align_model, metadata, audio, "cpu")
+        ours = words[words["id"] == path].sort_values(["segment", "word_index"])
+        expected = [w for s in direct["segments"] for w in s["words"]]
+        assert list(ours["word"]) == [w["word"] for w in expected]
+        np.testing.assert_allclose(ours["start"], [w["start"] for w in expected], atol=1e-3)
+        np.testing.assert_allclose(ours["end"], [w["end"] for w in expected], atol=1e-3)
+        text = " ".join(s["text"].strip() for s in direct["segments"])
+        assert transcripts.set_index("id").loc[path, "text"] == text
+
+
+def test_whisperx_no_speech_and_manifest_offsets(
+    make_cfg, tiny_whisper, speech_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    sf.write(data / "silence.wav", (1e-4 * rng.standard_normal(48000)).astype(np.float32), 16000)
+    speech, rate = sf.read(HARVARD / "spk1_snt1.wav", dtype="float32")
+    padded = np.concatenate([np.zeros(2 * rate, np.float32), speech])
+    sf.write(data / "late.wav", padded, rate)
+    manifest = data / "manifest.csv"
+    pd.DataFrame(
+        {"path": ["silence.wav", "late.wav", "late.wav"], "start": [None, 1.5, None]}
+    ).to_csv(manifest, index=False)
+    result = extract(
+        make_cfg(*_whisper_overrides(tiny_whisper), "dataset=manifest", f"dataset.path={manifest}")
+    )
+    assert pd.read_parquet(result.output_dir / "failures.parquet").empty
+    transcripts, segments, words = _check_tables(
+        result.output_dir, {"silence.wav", "late.wav@1.5-", "late.wav"}
+    )
+    by_id = transcripts.set_index("id")
+    assert by_id.loc["silence.wav", "text"] == ""  # no speech: an empty transcript, no failure
+    assert not (segments["id"] == "silence.wav").any()
+    _times_inside(words, segments, by_id)
+    # The segment that starts 1.5 s into the file reports times from the file's start: the
+    # same speech, the same words at the same times as the whole file.
+    late, whole = (words[words["id"] == i].reset_index() for i in ("late.wav@1.5-", "late.wav"))
+    assert len(late) > 0 and (late["start"] >= 2.0 - 0.1).all()
+    np.testing.assert_allclose(late["start"], whole["start"], atol=0.05)
+
+
+def test_whisperx_clear_errors_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, tiny_whisper, tmp_path: Path
+) -> None:
+    from audio_models.speech.whisper import WhisperXExtractor
+
+    model, _ = tiny_whisper
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(UserError, match=r"diarize=true needs a Hugging Face token .* HF_TOKEN"):
+        WhisperXExtractor(model="small", diarize=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match=r"cannot load Whisper model 'tiny'.*local CTranslate2"):
+        WhisperXExtractor(model="tiny")
+    # English alignment defaults to a torchaudio bundle that is downloaded on first use.
+    with pytest.raises(UserError, match=r"WAV2VEC2_ASR_BASE_960H .*not downloaded"):
+        WhisperXExtractor(model=str(model), language="en")
+    with pytest.raises(UserError, match=r"alignment model 'jonatasgrosman/.*not in the hub cache"):
+        WhisperXExtractor(model=str(model), language="nl")
+    with pytest.raises(UserError, match="silero"):
+        WhisperXExtractor(model=str(model), vad_method="silero")
+    with pytest.raises(UserError, match=r"without model\.bin"):
+        WhisperXExtractor(model=str(tmp_path))
+
+
+def test_whisperx_option_instantiates(tiny_whisper) -> None:
+    from hydra.utils import instantiate
+
+    from audio_models.speech.whisper import WhisperXExtractor
+    from tests.conftest import compose_extract
+
+    cfg = compose_extract([*_whisper_overrides(tiny_whisper), "output_dir=x"])
+    extractor = instantiate(cfg.extractor, _convert_="all")
+    assert isinstance(extractor, WhisperXExtractor) and extractor.host_batch
+    assert extractor.provenance()["whisperx.align_model.en"] == str(tiny_whisper[1])
+    default = compose_extract(["extractor=whisperx", "output_dir=x"]).extractor
+    assert default.model == "small" and default.vad_method == "pyannote" and not default.diarize
+
+
+def test_whisperx_token_is_read_but_never_logged(
+    monkeypatch: pytest.MonkeyPatch, make_cfg, tiny_whisper
+) -> None:
+    from audio_models.speech.whisper import WhisperXExtractor
+    from runners.extract import settings_hash
+
+    model, _ = tiny_whisper
+    monkeypatch.setenv("AM_TEST_TOKEN", "hf_secret_value")
+    extractor = WhisperXExtractor(
+        model=str(model), align=False, diarize=True, hf_token_env="AM_TEST_TOKEN"
+    )
+    cfg = make_cfg(*_whisper_overrides(tiny_whisper), "extractor.hf_token_env=AM_TEST_TOKEN")
+    assert "hf_secret_value" not in str(extractor.provenance())
+    assert "hf_secret_value" not in str(cfg) + settings_hash(cfg, extractor)
+
+
+def test_punkt_is_provided_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import nltk
+    from nltk.data import load
+
+    from audio_models.speech.whisper import ensure_punkt
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    assert ensure_punkt("de") == "untrained-punkt"
+    splitter = load("tokenizers/punkt_tab/german.pickle")
+    assert splitter.tokenize("Das ist gut. Und das auch.") == ["Das ist gut.", "Und das auch."]
+    assert ensure_punkt("de") == "untrained-punkt"  # idempotent

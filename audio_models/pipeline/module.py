@@ -32,6 +32,9 @@ class ExtractionModule(L.LightningModule):
         """Share of the samples the model processed that were padding."""
         return self.padded_samples / self.batch_samples if self.batch_samples else 0.0
 
+    def on_predict_start(self) -> None:
+        self.extractor.on_device(self.device)
+
     @torch.inference_mode()
     def predict_step(self, batch: Batch, batch_idx: int) -> list[Record]:
         if batch.waveforms is None:

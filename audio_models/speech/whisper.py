@@ -1,0 +1,424 @@
+"""whisperX: faster-whisper (CTranslate2) transcription, VAD, forced word alignment and
+optional speaker diarization, as one transcription extractor.
+
+How it fits the loop: loader workers decode and resample each file to 16 kHz mono (ahead of
+the device, in parallel); ``forward`` gets the batch on the host (whisperX takes numpy audio
+and moves its own work to the device) and runs each file through whisperX's own pipeline:
+VAD on the whole file, then batched decoding over the file's VAD chunks (``batch_size``
+chunks per ``generate``), alignment, diarization. One model of each kind lives on the device
+for the whole run. The numbers are whisperX's own: ``transcribe`` + ``align`` (+
+``assign_word_speakers``) called exactly as a direct script calls them.
+
+Offline: the Whisper model is a size name / hub id (downloaded once into the hub cache) or a
+local CTranslate2 directory; the pyannote VAD model ships inside the whisperx package; the
+alignment model is a torchaudio bundle name, a hub id or a local ``Wav2Vec2ForCTC`` directory;
+NLTK's ``punkt_tab`` sentence splitter, which ``whisperx.align`` would download at run time, is
+taken from NLTK's data path when installed, else an untrained Punkt model (no abbreviation
+list) is provided so alignment never reaches for the network. Anything missing is a
+:class:`UserError` before any work, naming what is missing and how to supply it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from audio_models.data.datasets import default_cache_dir
+from audio_models.extractor import Extractor, OutputKind, Segment, Transcript, Word
+from audio_models.speech.hub import weights_sha256
+from audio_models.utils.errors import UserError
+from audio_models.utils.provenance import sha256_file
+
+log = logging.getLogger(__name__)
+
+VAD_METHODS = ("pyannote", "silero")
+#: Files an untrained Punkt model needs in ``tokenizers/punkt_tab/<language>/``.
+_PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def ensure_punkt(language: str) -> str:
+    """Make ``nltk.data.load('tokenizers/punkt_tab/<punkt language>.pickle')`` work offline.
+
+    Returns ``punkt_tab`` when NLTK's trained model is installed, else ``untrained-punkt``
+    after providing an untrained model (empty parameters: it still splits after sentence
+    punctuation, but knows no abbreviations) under ``default_cache_dir()/nltk_data``, which is
+    appended to NLTK's search path, so an installed trained model always wins.
+    """
+    import nltk
+    from whisperx.utils import PUNKT_LANGUAGES
+
+    name = PUNKT_LANGUAGES.get(language, "english")
+    root = default_cache_dir() / "nltk_data"
+    folder = root / "tokenizers" / "punkt_tab" / name
+    try:
+        found = Path(str(nltk.data.find(f"tokenizers/punkt_tab/{name}/")))
+        return "untrained-punkt" if found.resolve() == folder.resolve() else "punkt_tab"
+    except LookupError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in _PUNKT_FILES:
+        (folder / file).touch()
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
+    log.warning(
+        "NLTK punkt_tab (%s) is not installed: sentence splitting for alignment uses an "
+        "untrained Punkt model (install it with: python -m nltk.downloader punkt_tab)",
+        name,
+    )
+    return "untrained-punkt"
+
+
+def _whisper_folder(model: str, revision: str | None, download_root: str | None) -> Path:
+    """The local CTranslate2 directory of ``model`` (downloading a hub model once)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "model.bin").is_file():
+            raise UserError(
+                f"extractor.model={model!r} is a directory without model.bin: not a CTranslate2 "
+                "Whisper model (convert one with ct2-transformers-converter, and copy "
+                "tokenizer.json and preprocessor_config.json into it)"
+            )
+        return local
+    from faster_whisper.utils import download_model
+
+    try:
+        return Path(
+            download_model(
+                model, cache_dir=download_root, revision=revision, local_files_only=_offline()
+            )
+        )
+    except Exception as exc:  # no network, not cached, no such model
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"cannot load Whisper model {model!r}: {first}. Without network access, download it "
+            f'first where there is network (python -c "from faster_whisper.utils import '
+            f"download_model; download_model('{model}')\") or pass a local CTranslate2 "
+            "directory as extractor.model"
+        ) from None
+
+
+def _align_model_name(language: str, align_model: str | None) -> str:
+    from whisperx.alignment import DEFAULT_ALIGN_MODELS_HF, DEFAULT_ALIGN_MODELS_TORCH
+
+    if align_model is not None:
+        return align_model
+    name = DEFAULT_ALIGN_MODELS_TORCH.get(language) or DEFAULT_ALIGN_MODELS_HF.get(language)
+    if name is None:
+        raise UserError(
+            f"whisperX has no default alignment model for language {language!r}: set "
+            "extractor.align_model to a wav2vec2 CTC model (hub id or local directory), or "
+            "extractor.align=false"
+        )
+    return name
+
+
+def _check_torchaudio_bundle(name: str, model_dir: str | None) -> None:
+    """A torchaudio bundle downloads its weights on first use: say so clearly when offline."""
+    import torchaudio
+
+    bundle = torchaudio.pipelines.__dict__[name]
+    folder = Path(model_dir) if model_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    weights = folder / Path(bundle._path).name
+    if _offline() and not weights.is_file():
+        raise UserError(
+            f"alignment model {name} (a torchaudio bundle) is not downloaded: {weights} is "
+            f"missing and HF_HUB_OFFLINE is set. Download it where there is network "
+            f'(python -c "import torchaudio; torchaudio.pipelines.{name}.get_model()") and '
+            "copy the file there (or set extractor.align_model_dir), or set "
+            "extractor.align_model to a local Wav2Vec2ForCTC directory"
+        )
+
+
+class WhisperXExtractor(Extractor):
+    """whisperX transcripts with segments, word times and (optionally) speakers.
+
+    Args:
+        name: extractor name.
+        model: Whisper size name (``small``, ``large-v3``…), CTranslate2 hub id, or a local
+            CTranslate2 directory (with ``tokenizer.json`` and ``preprocessor_config.json``).
+        revision: hub revision of the Whisper model.
+        compute_type: CTranslate2 compute type (``default``: float16 on CUDA, float32 on CPU).
+        batch_size: VAD chunks of one file decoded per batch.
+        language: language code, or ``None`` to detect it per file (first 30 s).
+        beam_size: beam width.
+        max_new_tokens: cap on tokens per chunk (``None``: the model's maximum).
+        vad_method: ``pyannote`` (bundled with whisperx, offline) or ``silero`` (downloaded
+            through torch.hub on first use).
+        vad_onset, vad_offset: VAD hysteresis thresholds.
+        chunk_size: longest merged VAD chunk in seconds.
+        align: word times by forced alignment with a wav2vec2 CTC model.
+        align_model: alignment model (torchaudio bundle name, hub id or local directory;
+            ``None``: whisperX's default for the language).
+        align_model_dir: where torchaudio bundles / hub models are cached.
+        interpolate_method: how words without alignable characters get times.
+        diarize: assign speakers with a pyannote diarization pipeline (needs a Hugging Face
+            token in the environment variable ``hf_token_env``; never logged).
+        diarize_model: the pyannote pipeline (hub id or local directory).
+        hf_token_env: environment variable holding the token.
+        min_speakers, max_speakers: diarization bounds.
+        download_root: cache directory for Whisper models.
+        sample_rate: must be 16000 (whisperX's rate).
+
+    Raises:
+        UserError: a missing model, token or invalid option, before any work.
+    """
+
+    kind = OutputKind.TRANSCRIPT
+    uses_forward = True
+    host_batch = True
+
+    def __init__(
+        self,
+        *,
+        name: str = "whisperx",
+        model: str = "small",
+        revision: str | None = None,
+        compute_type: str = "default",
+        batch_size: int = 16,
+        language: str | None = None,
+        beam_size: int = 5,
+        max_new_tokens: int | None = None,
+        vad_method: str = "pyannote",
+        vad_onset: float = 0.5,
+        vad_offset: float = 0.363,
+        chunk_size: int = 30,
+        align: bool = True,
+        align_model: str | None = None,
+        align_model_dir: str | None = None,
+        interpolate_method: str = "nearest",
+        diarize: bool = False,
+        diarize_model: str = "pyannote/speaker-diarization-community-1",
+        hf_token_env: str = "HF_TOKEN",
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        download_root: str | None = None,
+        sample_rate: int = 16000,
+    ) -> None:
+        super().__init__(name=name, sample_rate=sample_rate)
+        if sample_rate != 16000:
+            raise UserError("extractor.sample_rate must be 16000 for whisperX")
+        if vad_method not in VAD_METHODS:
+            raise UserError(f"extractor.vad_method must be one of {VAD_METHODS}")
+        if vad_method == "silero" and _offline():
+            raise UserError(
+                "vad_method=silero downloads the Silero model through torch.hub, which "
+                "HF_HUB_OFFLINE forbids here: use vad_method=pyannote (bundled with whisperx)"
+            )
+        if batch_size < 1:
+            raise UserError("extractor.batch_size must be at least 1")
+        self._token: str | None = None
+        if diarize:
+            self._token = os.environ.get(hf_token_env) or None
+            if self._token is None:
+                raise UserError(
+                    f"diarize=true needs a Hugging Face token for {diarize_model} in the "
+                    f"environment variable {hf_token_env} (accept the model's terms on the hub, "
+                    f"then export {hf_token_env}=hf_…); it is read from there and never logged"
+                )
+        self.model_id = model
+        self.folder = _whisper_folder(model, revision, download_root)
+        self.compute_type = compute_type
+        self.batch_size = batch_size
+        self.language = language
+        self.asr_options: dict[str, Any] = {"beam_size": beam_size}
+        self.max_new_tokens = max_new_tokens
+        self.vad_method = vad_method
+        self.vad_options = {"vad_onset": vad_onset, "vad_offset": vad_offset}
+        self.chunk_size = chunk_size
+        self.align = align
+        self.align_model = align_model
+        self.align_model_dir = align_model_dir
+        self.interpolate_method = interpolate_method
+        self.diarize = diarize
+        self.diarize_model = diarize_model
+        self.min_speakers, self.max_speakers = min_speakers, max_speakers
+        self._aligners: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+        self._pipeline: Any = None
+        self._diarizer: Any = None
+        self._device = torch.device("cpu")
+        self._provenance = {
+            "whisperx.model": model,
+            "whisperx.model_dir": str(self.folder),
+            "whisperx.model_sha256": sha256_file(self.folder / "model.bin"),
+            "whisperx.vad": vad_method,
+        }
+        if vad_method == "pyannote":
+            import whisperx
+
+            bundled = Path(whisperx.__file__).parent / "assets" / "pytorch_model.bin"
+            self._provenance["whisperx.vad_sha256"] = sha256_file(bundled)
+        if align and language is not None:
+            # Load (on the CPU) now: a missing alignment model stops the run before any work.
+            self._aligner(language)
+            self._provenance["whisperx.sentence_splitter"] = ensure_punkt(language)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The model score columns of ``transcripts.parquet``."""
+        return ["avg_logprob"]
+
+    @property
+    def min_samples(self) -> int:
+        return 400  # 25 ms: the shortest input the VAD and the aligner take
+
+    def provenance(self) -> dict[str, str]:
+        return dict(self._provenance)
+
+    # -- models on the device ---------------------------------------------------------------
+    def on_device(self, device: torch.device) -> None:
+        """Load the Whisper model (and diarization pipeline) on ``device``; move aligners."""
+        import whisperx
+
+        self._device = device
+        index = device.index or 0
+        self._pipeline = whisperx.load_model(
+            str(self.folder),
+            device.type,
+            device_index=index,
+            compute_type=self.compute_type,
+            asr_options=self.asr_options,
+            language=self.language,
+            vad_method=self.vad_method,
+            vad_options={**self.vad_options, "chunk_size": self.chunk_size},
+            local_files_only=True,
+        )
+        if self.max_new_tokens is not None:
+            # whisperX 3.8.6 accepts an asr option max_new_tokens but its batched decode
+            # ignores it and caps at faster-whisper's max_length (448): set that cap instead.
+            self._pipeline.model.max_length = self.max_new_tokens
+        for language, (model, metadata) in self._aligners.items():
+            self._aligners[language] = (model.to(device), metadata)
+        if self.diarize:
+            from whisperx.diarize import DiarizationPipeline
+
+            try:
+                self._diarizer = DiarizationPipeline(
+                    model_name=self.diarize_model, token=self._token, device=device
+                )
+            except Exception as exc:
+                raise UserError(
+                    f"cannot load diarization model {self.diarize_model!r}: {exc}"
+                ) from None
+
+    def _aligner(self, language: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        if language in self._aligners:
+            return self._aligners[language]
+        import torchaudio
+        import whisperx
+
+        name = _align_model_name(language, self.align_model)
+        if name in torchaudio.pipelines.__all__:
+            _check_torchaudio_bundle(name, self.align_model_dir)
+        elif not Path(name).expanduser().is_dir() and _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(
+                try_to_load_from_cache(name, "config.json", cache_dir=self.align_model_dir), str
+            ):
+                raise UserError(
+                    f"alignment model {name!r} is not in the hub cache and HF_HUB_OFFLINE is "
+                    f"set: download it where there is network (huggingface-cli download {name}) "
+                    "or set extractor.align_model to a local Wav2Vec2ForCTC directory"
+                )
+        try:
+            model, metadata = whisperx.load_align_model(
+                language, str(self._device), model_name=name, model_dir=self.align_model_dir
+            )
+        except Exception as exc:
+            raise UserError(
+                f"cannot load alignment model {name!r} for {language!r}: {exc}"
+            ) from None
+        self._aligners[language] = (model.eval(), metadata)
+        self._provenance[f"whisperx.align_model.{language}"] = name
+        if Path(name).expanduser().is_dir():
+            digest = weights_sha256(Path(name).expanduser())
+            self._provenance[f"whisperx.align_sha256.{language}"] = digest
+        return self._aligners[language]
+
+    # -- the batch ----------------------------------------------------------------------------
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """One 16 kHz mono signal through whisperX, exactly as a direct call would run it."""
+        import whisperx
+
+        if self._pipeline is None:
+            self.on_device(self._device)
+        result = self._pipeline.transcribe(
+            audio, batch_size=self.batch_size, language=self.language, chunk_size=self.chunk_size
+        )
+        language = result["language"]
+        segments = result["segments"]
+        if self.align and segments:
+            ensure_punkt(language)
+            model, metadata = self._aligner(language)
+            result = whisperx.align(
+                segments,
+                model,
+                metadata,
+                audio,
+                str(self._device),
+                interpolate_method=self.interpolate_method,
+            )
+        if self._diarizer is not None and result["segments"]:
+            turns = self._diarizer(
+                audio, min_speakers=self.min_speakers, max_speakers=self.max_speakers
+            )
+            result = whisperx.assign_word_speakers(turns, result)
+        return _transcript(result["segments"], language)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[Transcript]:
+        signals = waveforms.float().cpu().numpy()
+        return [
+            self.transcribe(np.ascontiguousarray(signals[row, :n]))
+            for row, n in enumerate(lengths.tolist())
+        ]
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def _transcript(raw_segments: list[dict[str, Any]], language: str | None) -> Transcript:
+    segments = []
+    for raw in raw_segments:
+        text = str(raw.get("text", "")).strip()
+        words = [
+            Word(
+                word=str(w.get("word", "")),
+                start=_number(w.get("start")),
+                end=_number(w.get("end")),
+                score=_number(w.get("score")),
+                speaker=w.get("speaker"),
+            )
+            for w in raw.get("words", [])
+        ]
+        if not text and not words:
+            continue  # a VAD chunk in which the model heard nothing
+        segments.append(
+            Segment(
+                text=text,
+                start=float(raw["start"]),
+                end=float(raw["end"]),
+                speaker=raw.get("speaker"),
+                avg_logprob=_number(raw.get("avg_logprob")),
+                words=words,
+            )
+        )
+    logprobs = [s.avg_logprob for s in segments if s.avg_logprob is not None]
+    return Transcript(
+        text=" ".join(s.text for s in segments),
+        language=language,
+        scores={"avg_logprob": float(np.mean(logprobs)) if logprobs else float("nan")},
+        segments=segments,
+    )

@@ -41,6 +41,7 @@ SENTENCES = [
 
 TINY_S2T = {"d_model": 32, "layers": 2, "heads": 2, "ffn": 64, "mel_bins": 20, "vocab": 80}
 # facebook/s2t-small-librispeech-asr: 12 encoder + 6 decoder layers, d_model 256, 10k vocab.
+# (The vocabulary stays as large as a few sentences allow: ~150 pieces, not 10k.)
 SMALL_S2T = {
     "d_model": 256,
     "layers": 12,
@@ -266,7 +267,7 @@ def save_random_ctc_aligner(folder: Path, *, seed: int = 0, **size: Any) -> Path
         num_hidden_layers=size["layers"],
         num_attention_heads=size["heads"],
         intermediate_size=size["ffn"],
-        conv_dim=(32, 32, 32, 32, 32, 32, 32),
+        conv_dim=(size.get("conv", 32),) * 7,
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2,
         pad_token_id=0,

@@ -1,0 +1,163 @@
+"""Benchmark: transcription through the runner vs the libraries called directly.
+
+    python -m benchmarks.asr [--n-files 24] [--models s2t whisperx] [--device cpu|cuda]
+
+Random weights of the real architectures (s2t: s2t-small-librispeech's 12 + 6 layers, d_model
+256; whisperx: Whisper-base's 6 + 6 layers, d_model 512, CTranslate2; alignment: a
+wav2vec2-base-size CTC model) cost what trained models cost, without a download. Both sides
+use the same model files and decoding settings (greedy, at most ``--max-new-tokens`` tokens: a
+random model never says end-of-text, so every utterance decodes the same number of tokens on
+both sides). In one run, audio seconds per second of:
+
+- ``s2t``: the runner (``extractor=s2t``, batched ``generate``, loader workers) against a
+  per-file transformers loop (``Speech2TextProcessor`` + ``generate`` per file);
+- ``whisperx``: the runner (``extractor=whisperx``) against whisperX called directly on each
+  file (``load_audio`` + ``transcribe`` + ``align``), the same model, VAD and aligner.
+
+Runner time is the whole ``extract()`` call (model loading included); the direct side is
+timed after its models are loaded. Prints the ratios and the runner's peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from benchmarks.asr_models import (
+    BASE_WHISPER,
+    SMALL_S2T,
+    save_random_ctc_aligner,
+    save_random_s2t,
+    save_random_whisper_ct2,
+)
+from benchmarks.extract import PeakTreeRss, build_corpus, compose_extract
+
+# wav2vec2-base (whisperX's default English aligner is WAV2VEC2_ASR_BASE_960H).
+BASE_CTC = {"d_model": 768, "layers": 12, "heads": 12, "ffn": 3072, "conv": 512}
+
+
+def run_runner(overrides: list[str], corpus: Path, out: Path, device: str) -> tuple[float, float]:
+    """Audio seconds per second of the whole ``extract()`` call and peak tree RSS (MiB)."""
+    from runners.extract import extract
+
+    cfg = compose_extract(
+        [
+            *overrides,
+            f"device={device}",
+            "dataset=folder",
+            f"dataset.root={corpus}",
+            f"output_dir={out}",
+            "resume=false",
+        ]
+    )
+    with PeakTreeRss() as memory:
+        started = time.perf_counter()
+        result = extract(cfg)
+        wall = time.perf_counter() - started
+    if result.metrics["n_failed"]:
+        raise RuntimeError(f"runner failed on {result.metrics['n_failed']} items")
+    return result.metrics["audio_seconds"] / wall, memory.peak_mb
+
+
+def direct_s2t(folder: Path, files: list[Path], device: str, max_new_tokens: int) -> float:
+    """Seconds of the per-file transformers loop."""
+    from transformers import Speech2TextForConditionalGeneration, Speech2TextProcessor
+
+    processor = Speech2TextProcessor.from_pretrained(folder)
+    model = Speech2TextForConditionalGeneration.from_pretrained(folder).eval().to(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in files:
+            audio, rate = sf.read(path, dtype="float32")
+            inputs = processor(audio, sampling_rate=rate, return_tensors="pt").to(device)
+            tokens = model.generate(
+                inputs["input_features"],
+                attention_mask=inputs["attention_mask"],
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+            )
+            processor.batch_decode(tokens, skip_special_tokens=True)
+    return time.perf_counter() - started
+
+
+def direct_whisperx(
+    model: Path, aligner: Path, files: list[Path], device: str, max_new_tokens: int, batch: int
+) -> float:
+    """Seconds of whisperX's own calls, file by file (models loaded before the clock)."""
+    import whisperx
+
+    pipeline = whisperx.load_model(
+        str(model), device, compute_type="float32", language="en", asr_options={"beam_size": 1}
+    )
+    pipeline.model.max_length = max_new_tokens
+    align_model, metadata = whisperx.load_align_model("en", device, model_name=str(aligner))
+    started = time.perf_counter()
+    for path in files:
+        audio = whisperx.load_audio(str(path))
+        result = pipeline.transcribe(audio, batch_size=batch, language="en")
+        whisperx.align(result["segments"], align_model, metadata, audio, device)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n-files", type=int, default=24)
+    parser.add_argument("--models", nargs="+", default=["s2t", "whisperx"])
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--whisper-batch", type=int, default=16, help="whisperX chunk batch")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = build_corpus(root / "corpus", args.n_files)
+        audio_s = sum(sf.info(f).duration for f in files)
+        print(f"corpus: {len(files)} files, {audio_s:.1f} s of speech; device {args.device}")
+        if "s2t" in args.models:
+            folder = save_random_s2t(root / "s2t", **SMALL_S2T)
+            overrides = [
+                "extractor=s2t",
+                f"extractor.model={folder}",
+                "extractor.num_beams=1",
+                f"extractor.max_new_tokens={args.max_new_tokens}",
+            ]
+            ours, peak = run_runner(overrides, root / "corpus", root / "out-s2t", args.device)
+            loop = audio_s / direct_s2t(folder, files, args.device, args.max_new_tokens)
+            print(
+                f"s2t (small, random): runner {ours:.2f} audio s/s, per-file transformers loop "
+                f"{loop:.2f}, ratio {ours / loop:.2f}x (target >= 1.3x), peak RSS {peak:.0f} MiB"
+            )
+        if "whisperx" in args.models:
+            model = save_random_whisper_ct2(root / "whisper", **BASE_WHISPER)
+            aligner = save_random_ctc_aligner(root / "align", **BASE_CTC)
+            overrides = [
+                "extractor=whisperx",
+                f"extractor.model={model}",
+                f"extractor.align_model={aligner}",
+                "extractor.language=en",
+                "extractor.compute_type=float32",
+                "extractor.beam_size=1",
+                f"extractor.max_new_tokens={args.max_new_tokens}",
+                f"extractor.batch_size={args.whisper_batch}",
+            ]
+            ours, peak = run_runner(overrides, root / "corpus", root / "out-wx", args.device)
+            direct = audio_s / direct_whisperx(
+                model, aligner, files, args.device, args.max_new_tokens, args.whisper_batch
+            )
+            print(
+                f"whisperx (base, random): runner {ours:.2f} audio s/s, whisperX direct "
+                f"{direct:.2f}, ratio {ours / direct:.2f}x (target >= 0.9x), "
+                f"peak RSS {peak:.0f} MiB"
+            )
+
+
+if __name__ == "__main__":
+    main()

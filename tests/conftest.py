@@ -58,6 +58,14 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 @pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No network and empty model caches: hub ids must fail with the offline message."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+@pytest.fixture
 def mlflow_store(tmp_path: Path) -> tuple[str, list[str]]:
     """A temporary SQLite tracking store: its URI and the overrides that select it."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"

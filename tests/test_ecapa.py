@@ -72,11 +72,8 @@ def test_refuses_hyperparams_that_run_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_missing_model_offline_is_one_clear_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+@pytest.mark.usefixtures("offline_hub")
+def test_missing_model_offline_is_one_clear_error() -> None:
     with pytest.raises(UserError, match=r"cannot load model 'speechbrain/no-such'.*download"):
         EcapaExtractor(name="ecapa", model="speechbrain/no-such")
 

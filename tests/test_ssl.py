@@ -131,11 +131,8 @@ def test_runner_writes_layer_columns(make_cfg, tmp_path: Path) -> None:
     assert "layer_3_31" in shard.columns
 
 
-def test_missing_model_offline_is_one_clear_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+@pytest.mark.usefixtures("offline_hub")
+def test_missing_model_offline_is_one_clear_error() -> None:
     with pytest.raises(
         UserError, match=r"cannot load model 'facebook/no-such-model' \(revision abc123\).*download"
     ):

@@ -76,11 +76,8 @@ def test_s2t_batch_equals_transformers_on_each_file(tiny_s2t: Path) -> None:
         assert ours.segments[0].end == pytest.approx(signal.size / 16000)
 
 
-def test_s2t_missing_model_offline_is_one_clear_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+@pytest.mark.usefixtures("offline_hub")
+def test_s2t_missing_model_offline_is_one_clear_error() -> None:
     with pytest.raises(UserError, match=r"cannot load model 'facebook/s2t-small-librispeech-asr'"):
         Speech2TextExtractor(model="facebook/s2t-small-librispeech-asr")
 
@@ -102,6 +99,15 @@ def _harvard_manifest(folder: Path, *, segments: bool = False, n: int | None = N
     path = folder / "manifest.csv"
     table.to_csv(path, index=False)
     return path
+
+
+def _harvard_overrides(manifest: Path) -> list[str]:
+    return [
+        "dataset=manifest",
+        f"dataset.path={manifest}",
+        "dataset.path_column=file",
+        "dataset.text_column=transcript",
+    ]
 
 
 def _check_tables(out: Path, ids: set[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -129,10 +135,7 @@ def test_s2t_runner_on_harvard_logs_wer(
         make_cfg(
             "extractor=s2t",
             f"extractor.model={tiny_s2t}",
-            "dataset=manifest",
-            f"dataset.path={manifest}",
-            "dataset.path_column=file",
-            "dataset.text_column=transcript",
+            *_harvard_overrides(manifest),
             *tracking,
         )
     )
@@ -153,13 +156,12 @@ def test_s2t_runner_on_harvard_logs_wer(
 def test_s2t_manifest_segments_are_offset_and_resume_keeps_side_tables(
     make_cfg, tiny_s2t: Path, speech_dir: Path, tmp_path: Path
 ) -> None:
-    common = ["extractor=s2t", f"extractor.model={tiny_s2t}", "dataset=manifest"]
-    common += ["dataset.path_column=file", "dataset.text_column=transcript"]
+    common = ["extractor=s2t", f"extractor.model={tiny_s2t}"]
     first = _harvard_manifest(tmp_path / "a", segments=True, n=6)
-    extract(make_cfg(*common, f"dataset.path={first}", out="run"))
+    extract(make_cfg(*common, *_harvard_overrides(first), out="run"))
     # The corpus grows: the finished run reopens, only new items run, nothing is duplicated.
     grown = _harvard_manifest(tmp_path / "b", segments=True)
-    result = extract(make_cfg(*common, f"dataset.path={grown}", out="run"))
+    result = extract(make_cfg(*common, *_harvard_overrides(grown), out="run"))
     assert result.metrics["n_skipped_resumed"] == 6
     table = pd.read_csv(grown)
     ids = set(pd.read_parquet(result.output_dir / "transcripts.parquet")["id"])
@@ -241,10 +243,7 @@ def test_whisperx_runner_equals_whisperx_called_directly(
     result = extract(
         make_cfg(
             *_whisper_overrides(tiny_whisper),
-            "dataset=manifest",
-            f"dataset.path={manifest}",
-            "dataset.path_column=file",
-            "dataset.text_column=transcript",
+            *_harvard_overrides(manifest),
             *tracking,
         )
     )
@@ -317,7 +316,7 @@ def test_whisperx_clear_errors_before_any_work(
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(UserError, match=r"diarize=true needs a Hugging Face token .* HF_TOKEN"):
         WhisperXExtractor(model="small", diarize=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set here: the token check above runs online
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UserError, match=r"cannot load Whisper model 'tiny'.*local CTranslate2"):

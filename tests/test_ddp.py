@@ -128,3 +128,37 @@ def test_ddp_in_a_local_sweep_is_refused_clearly(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "device=ddp in a local -m sweep is not supported" in done.stderr
+
+
+def test_ddp_transcripts_equal_one_process(tmp_path: Path) -> None:
+    """Transcription side tables (segments, words) merge across ranks like the main table."""
+    from benchmarks.asr_models import save_random_s2t
+
+    model = save_random_s2t(tmp_path / "s2t")
+    s2t = ["extractor=s2t", f"extractor.model={model}", "tracking=off"]
+    _extract(tmp_path, tmp_path / "ddp", *DDP, *s2t)
+    _extract(tmp_path, tmp_path / "one", "device=cpu", *s2t)
+    tables = {}
+    for run in ("ddp", "one"):
+        tables[run] = {
+            name: pd.read_parquet(tmp_path / run / f"{name}.parquet")
+            .sort_values([c for c in ("id", "segment", "word_index") if c in keys])
+            .reset_index(drop=True)
+            for name, keys in (
+                ("transcripts", ["id"]),
+                ("segments", ["id", "segment"]),
+                ("words", ["id", "segment", "word_index"]),
+            )
+        }
+    assert len(tables["ddp"]["transcripts"]) == 24
+    for name in ("transcripts", "segments", "words"):
+        ddp, one = tables["ddp"][name], tables["one"][name]
+        text = [c for c in ("id", "text", "word", "start", "end") if c in one.columns]
+        pd.testing.assert_frame_equal(ddp[text], one[text], check_exact=True)
+    # Scores: other batch compositions, the same numbers up to float summation order.
+    np.testing.assert_allclose(
+        tables["ddp"]["transcripts"]["avg_logprob"],
+        tables["one"]["transcripts"]["avg_logprob"],
+        atol=1e-4,
+    )
+    assert not (tmp_path / "ddp" / ".progress").exists()

@@ -2,12 +2,15 @@
 optional speaker diarization, as one transcription extractor.
 
 How it fits the loop: loader workers decode and resample each file to 16 kHz mono (ahead of
-the device, in parallel); ``forward`` gets the batch on the host (whisperX takes numpy audio
-and moves its own work to the device) and runs each file through whisperX's own pipeline:
-VAD on the whole file, then batched decoding over the file's VAD chunks (``batch_size``
-chunks per ``generate``), alignment, diarization. One model of each kind lives on the device
-for the whole run. The numbers are whisperX's own: ``transcribe`` + ``align`` (+
-``assign_word_speakers``) called exactly as a direct script calls them.
+the device, in parallel); ``forward`` gets the loader's batch of files on the host (whisperX
+takes numpy audio and moves its own work to the device). whisperX's ``transcribe`` batches the
+VAD chunks of one file, so a corpus of short clips (one chunk each) would decode one chunk at a
+time; here the steps of ``transcribe`` run over the whole batch of files instead: VAD and chunk
+merging per file, then the chunks of all files, ``batch_size`` at a time, through the same
+batched decode (per language), then each file's segments through ``align`` (and
+``assign_word_speakers``). A chunk is decoded on its own (padded to 30 s, its own prompt), so
+its text does not depend on which chunks share its batch: the result is what ``transcribe`` +
+``align`` give file by file (tested). One model of each kind lives on the device for the run.
 
 Offline: the Whisper model is a size name / hub id (downloaded once into the hub cache) or a
 local CTranslate2 directory; the pyannote VAD model ships inside the whisperx package; the
@@ -243,6 +246,7 @@ class WhisperXExtractor(Extractor):
         self.min_speakers, self.max_speakers = min_speakers, max_speakers
         self._aligners: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
         self._pipeline: Any = None
+        self._tokenizers: dict[str, Any] = {}
         self._diarizer: Any = None
         self._device = torch.device("cpu")
         self._provenance = {
@@ -259,7 +263,10 @@ class WhisperXExtractor(Extractor):
         if align and language is not None:
             # Load (on the CPU) now: a missing alignment model stops the run before any work.
             self._aligner(language)
-            self._provenance["whisperx.sentence_splitter"] = ensure_punkt(language)
+        if align:
+            # punkt_tab is installed for all its languages or for none: one check tells which
+            # splitter every language of the run gets.
+            self._provenance["whisperx.sentence_splitter"] = ensure_punkt(language or "en")
 
     @property
     def feature_names(self) -> list[str]:
@@ -345,18 +352,85 @@ class WhisperXExtractor(Extractor):
         return self._aligners[language]
 
     # -- the batch ----------------------------------------------------------------------------
-    def transcribe(self, audio: np.ndarray) -> Transcript:
-        """One 16 kHz mono signal through whisperX, exactly as a direct call would run it."""
-        import whisperx
+    def _tokenizer(self, language: str) -> Any:
+        from faster_whisper.tokenizer import Tokenizer
 
+        if language not in self._tokenizers:
+            model = self._pipeline.model
+            self._tokenizers[language] = Tokenizer(
+                model.hf_tokenizer,
+                model.model.is_multilingual,
+                task="transcribe",
+                language=language,
+            )
+        return self._tokenizers[language]
+
+    def _vad_chunks(self, audio: np.ndarray) -> list[dict[str, Any]]:
+        """The speech chunks of one file, as ``transcribe`` finds and merges them."""
+        from whisperx.vads import Pyannote, Vad
+
+        vad = self._pipeline.vad_model
+        owner = vad if isinstance(vad, Vad) else Pyannote
+        found = vad({"waveform": owner.preprocess_audio(audio), "sample_rate": 16000})
+        params = self._pipeline._vad_params
+        return owner.merge_chunks(
+            found, self.chunk_size, onset=params["vad_onset"], offset=params["vad_offset"]
+        )
+
+    def transcribe_batch(self, signals: list[np.ndarray]) -> list[Transcript]:
+        """16 kHz mono signals through whisperX's steps, the chunks of all files batched."""
         if self._pipeline is None:
             self.on_device(self._device)
-        result = self._pipeline.transcribe(
-            audio, batch_size=self.batch_size, language=self.language, chunk_size=self.chunk_size
-        )
-        language = result["language"]
-        segments = result["segments"]
-        if self.align and segments:
+        pipeline = self._pipeline
+        chunks = [self._vad_chunks(audio) for audio in signals]
+        # Detected per file, as transcribe does (a file without speech gets none).
+        languages = [
+            self.language or (pipeline.detect_language(audio) if found else None)
+            for audio, found in zip(signals, chunks, strict=True)
+        ]
+        # Every chunk of every file, grouped by language (the prompt names it), in order.
+        work: dict[str, list[tuple[int, int]]] = {}
+        for file, found in enumerate(chunks):
+            language = languages[file]
+            for index in range(len(found)):
+                assert language is not None  # a file with chunks has a language
+                work.setdefault(language, []).append((file, index))
+        decoded: dict[tuple[int, int], tuple[str, float]] = {}
+        for language, keys in work.items():
+            tokenizer = self._tokenizer(language)
+            for begin in range(0, len(keys), self.batch_size):
+                part = keys[begin : begin + self.batch_size]
+                features = torch.stack(
+                    [
+                        pipeline.preprocess({"inputs": _cut(signals[f], chunks[f][i])})["inputs"]
+                        for f, i in part
+                    ]
+                )
+                out = pipeline.model.generate_segment_batched(features, tokenizer, pipeline.options)
+                for key, text, logprob in zip(part, out["text"], out["avg_logprob"], strict=True):
+                    decoded[key] = (text, logprob)
+        results = []
+        for file, (audio, found) in enumerate(zip(signals, chunks, strict=True)):
+            segments = [
+                {
+                    "text": decoded[(file, i)][0],
+                    "start": round(chunk["start"], 3),
+                    "end": round(chunk["end"], 3),
+                    "avg_logprob": decoded[(file, i)][1],
+                }
+                for i, chunk in enumerate(found)
+            ]
+            results.append(self._finish(audio, segments, languages[file]))
+        return results
+
+    def _finish(
+        self, audio: np.ndarray, segments: list[dict[str, Any]], language: str | None
+    ) -> Transcript:
+        """Alignment and speakers for one file's decoded segments."""
+        import whisperx
+
+        result: dict[str, Any] = {"segments": segments}
+        if self.align and segments and language is not None:
             ensure_punkt(language)
             model, metadata = self._aligner(language)
             result = whisperx.align(
@@ -376,10 +450,14 @@ class WhisperXExtractor(Extractor):
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[Transcript]:
         signals = waveforms.float().cpu().numpy()
-        return [
-            self.transcribe(np.ascontiguousarray(signals[row, :n]))
-            for row, n in enumerate(lengths.tolist())
-        ]
+        return self.transcribe_batch(
+            [np.ascontiguousarray(signals[row, :n]) for row, n in enumerate(lengths.tolist())]
+        )
+
+
+def _cut(audio: np.ndarray, chunk: dict[str, Any]) -> np.ndarray:
+    """A VAD chunk's samples, cut as ``transcribe`` cuts them."""
+    return audio[int(chunk["start"] * 16000) : int(chunk["end"] * 16000)]
 
 
 def _number(value: Any) -> float | None:

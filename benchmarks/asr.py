@@ -68,7 +68,7 @@ def run_runner(
         wall = time.perf_counter() - started
     if result.metrics["n_failed"]:
         raise RuntimeError(f"runner failed on {result.metrics['n_failed']} items")
-    return wall, (result.metrics["peak_rss_mb"], memory.peak_mb)
+    return wall, (memory.self_peak_mb, memory.peak_mb)
 
 
 def compare(

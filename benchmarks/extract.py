@@ -58,21 +58,25 @@ def build_corpus(
 
 
 class PeakTreeRss:
-    """Samples the RSS of this process plus its children every 20 ms; keeps the peak."""
+    """Samples the RSS of this process plus its children every 20 ms; keeps the peaks of the
+    tree (``peak_mb``) and of this process alone (``self_peak_mb``: forked children share its
+    pages, which the tree's sum counts once per process)."""
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
+        self.self_peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            total = own = me.memory_info().rss
+            for proc in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):  # a worker may exit meanwhile
                     total += proc.memory_info().rss
             self.peak_mb = max(self.peak_mb, total / 2**20)
+            self.self_peak_mb = max(self.self_peak_mb, own / 2**20)
             time.sleep(0.02)
 
     def __enter__(self) -> PeakTreeRss:

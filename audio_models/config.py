@@ -134,7 +134,7 @@ class WhisperXConfig:
     model: str = "small"  # size name, CTranslate2 hub id, or local CTranslate2 directory
     revision: str | None = None
     compute_type: str = "default"  # default: float16 on CUDA, float32 on CPU
-    batch_size: int = 16  # VAD chunks of one file per generate
+    batch_size: int = 16  # VAD chunks per batched decode, across the files of a loader batch
     language: str | None = None  # None: detected per file
     beam_size: int = 5
     max_new_tokens: int | None = None

@@ -150,7 +150,7 @@ class WhisperXExtractor(Extractor):
             CTranslate2 directory (with ``tokenizer.json`` and ``preprocessor_config.json``).
         revision: hub revision of the Whisper model.
         compute_type: CTranslate2 compute type (``default``: float16 on CUDA, float32 on CPU).
-        batch_size: VAD chunks of one file decoded per batch.
+        batch_size: VAD chunks decoded per batch (chunks of all files of a loader batch).
         language: language code, or ``None`` to detect it per file (first 30 s).
         beam_size: beam width.
         max_new_tokens: cap on tokens per chunk (``None``: the model's maximum).

@@ -14,7 +14,6 @@ loading classes; anything else (``!apply:os.system``…) is refused.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from audio_models.data.datasets import default_cache_dir
 from audio_models.extractor import Extractor, OutputKind
+from audio_models.speech.hub import hub_offline
 from audio_models.utils.errors import UserError, model_unavailable
 from audio_models.utils.provenance import sha256_file
 
@@ -120,9 +120,7 @@ class EcapaExtractor(Extractor):
                 savedir=str(savedir),
                 overrides=overrides,
                 run_opts={"device": "cpu"},
-                fetch_config=FetchConfig(
-                    revision=revision, allow_network=os.environ.get("HF_HUB_OFFLINE") != "1"
-                ),
+                fetch_config=FetchConfig(revision=revision, allow_network=not hub_offline()),
             )
         except UserError:
             raise

@@ -8,6 +8,7 @@ huggingface-hub itself.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from audio_models.utils.errors import model_unavailable
 from audio_models.utils.provenance import sha256_file
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads, read now (huggingface-hub reads it once at
+    import) with huggingface-hub's own truthy values; for loaders that do not ask the hub
+    library (faster-whisper's ``local_files_only``, torchaudio bundles, SpeechBrain)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def load_pretrained(

@@ -75,7 +75,6 @@ class Speech2TextExtractor(Extractor):
             raise UserError(
                 f"extractor.sample_rate={sample_rate} but {model} expects {features.sampling_rate}"
             )
-        self.model_id = model
         self.processor = processor
         self.network = network.eval()
         self.batch_audio_s = batch_audio_s

@@ -33,7 +33,7 @@ import torch
 
 from audio_models.data.datasets import default_cache_dir
 from audio_models.extractor import Extractor, OutputKind, Segment, Transcript, Word
-from audio_models.speech.hub import weights_sha256
+from audio_models.speech.hub import hub_offline, weights_sha256
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
 
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 VAD_METHODS = ("pyannote", "silero")
 #: Files an untrained Punkt model needs in ``tokenizers/punkt_tab/<language>/``.
 _PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
 def ensure_punkt(language: str) -> str:
@@ -96,7 +92,7 @@ def _whisper_folder(model: str, revision: str | None, download_root: str | None)
     try:
         return Path(
             download_model(
-                model, cache_dir=download_root, revision=revision, local_files_only=_offline()
+                model, cache_dir=download_root, revision=revision, local_files_only=hub_offline()
             )
         )
     except Exception as exc:  # no network, not cached, no such model
@@ -131,7 +127,7 @@ def _check_torchaudio_bundle(name: str, model_dir: str | None) -> None:
     bundle = torchaudio.pipelines.__dict__[name]
     folder = Path(model_dir) if model_dir else Path(torch.hub.get_dir()) / "checkpoints"
     weights = folder / Path(bundle._path).name
-    if _offline() and not weights.is_file():
+    if hub_offline() and not weights.is_file():
         raise UserError(
             f"alignment model {name} (a torchaudio bundle) is not downloaded: {weights} is "
             f"missing and HF_HUB_OFFLINE is set. Download it where there is network "
@@ -211,7 +207,7 @@ class WhisperXExtractor(Extractor):
             raise UserError("extractor.sample_rate must be 16000 for whisperX")
         if vad_method not in VAD_METHODS:
             raise UserError(f"extractor.vad_method must be one of {VAD_METHODS}")
-        if vad_method == "silero" and _offline():
+        if vad_method == "silero" and hub_offline():
             raise UserError(
                 "vad_method=silero downloads the Silero model through torch.hub, which "
                 "HF_HUB_OFFLINE forbids here: use vad_method=pyannote (bundled with whisperx)"
@@ -227,7 +223,6 @@ class WhisperXExtractor(Extractor):
                     f"environment variable {hf_token_env} (accept the model's terms on the hub, "
                     f"then export {hf_token_env}=hf_…); it is read from there and never logged"
                 )
-        self.model_id = model
         self.folder = _whisper_folder(model, revision, download_root)
         self.compute_type = compute_type
         self.batch_size = batch_size
@@ -325,7 +320,7 @@ class WhisperXExtractor(Extractor):
         name = _align_model_name(language, self.align_model)
         if name in torchaudio.pipelines.__all__:
             _check_torchaudio_bundle(name, self.align_model_dir)
-        elif not Path(name).expanduser().is_dir() and _offline():
+        elif not Path(name).expanduser().is_dir() and hub_offline():
             from huggingface_hub import try_to_load_from_cache
 
             if not isinstance(
@@ -392,9 +387,9 @@ class WhisperXExtractor(Extractor):
         work: dict[str, list[tuple[int, int]]] = {}
         for file, found in enumerate(chunks):
             language = languages[file]
-            for index in range(len(found)):
+            if found:
                 assert language is not None  # a file with chunks has a language
-                work.setdefault(language, []).append((file, index))
+                work.setdefault(language, []).extend((file, i) for i in range(len(found)))
         decoded: dict[tuple[int, int], tuple[str, float]] = {}
         for language, keys in work.items():
             tokenizer = self._tokenizer(language)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import librosa
@@ -15,6 +16,8 @@ import torchaudio
 from torchaudio.compliance import kaldi
 
 from audio_models.audio.kaldi import KaldiExtractor
+from audio_models.audio.smile import OpenSmileExtractor
+from audio_models.utils.errors import ExtractionError
 from runners.extract import extract
 
 
@@ -177,3 +180,38 @@ def test_batched_kaldi_equals_torchaudio_per_item(options: dict, reference) -> N
         torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-4)
         # Only float32 summation order differs between batch shapes.
         torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("feature_set", "level"),
+    [
+        ("eGeMAPSv02", "Functionals"),
+        ("eGeMAPSv02", "LowLevelDescriptors"),
+        ("ComParE_2016", "Functionals"),
+    ],
+)
+def test_reused_opensmile_instance_equals_a_fresh_one(feature_set: str, level: str) -> None:
+    # The extractor resets one openSMILE instance per sample rate between items; interleaved
+    # rates, a clip too short for any frame and a pickled copy must not change a number.
+    rng = np.random.default_rng(0)
+    signals = []
+    for rate, seconds in [(16000, 1.3), (22050, 0.8), (16000, 0.01), (44100, 1.1), (16000, 2.0)]:
+        t = np.arange(int(rate * seconds)) / rate
+        pitch = rng.uniform(100, 250)
+        wave = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        signals.append(((wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32), rate))
+    extractor = OpenSmileExtractor(name="x", feature_set=feature_set, feature_level=level)
+    fresh = opensmile.Smile(
+        feature_set=opensmile.FeatureSet[feature_set], feature_level=opensmile.FeatureLevel[level]
+    )
+    for copy in (extractor, pickle.loads(pickle.dumps(extractor))):
+        for signal, rate in signals * 2:
+            if signal.size < rate * 0.1:
+                with pytest.raises(ExtractionError, match="too short") as caught:
+                    copy.transform(signal, rate)
+                assert caught.value.stage == "preflight"
+                continue
+            reference = fresh.process_signal(signal, rate).to_numpy()
+            ours = copy.transform(signal, rate)
+            np.testing.assert_array_equal(ours.reshape(reference.shape), reference)
+        assert sorted(copy._engines) == [16000, 22050, 44100]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import opensmile
+from opensmile.core.config import config as smile_config
+from opensmile.core.lib import FrameMetaData, OpenSMILE
 
 from audio_models.extractor import Extractor, OutputKind
 from audio_models.utils.errors import ExtractionError
@@ -14,11 +17,64 @@ from audio_models.utils.errors import ExtractionError
 _LLD_FRAME_SHIFT_S = 0.01
 
 
+class _Engine:
+    """One initialised openSMILE instance for one sample rate, reset and run again per item.
+
+    ``opensmile.Smile`` builds, initialises (parses the whole config) and frees a new instance
+    for every signal; on ~10 s clips that is ~5 % of the work. openSMILE's ``reset`` returns an
+    instance to its state right after ``initialize`` (its API documents reuse this way), and
+    the outputs are bit-identical to a fresh instance (tests compare against ``process_file``).
+    """
+
+    def __init__(self, smile: opensmile.Smile, sample_rate: int) -> None:
+        # The options opensmile.Smile._extract passes: its external audio source at this rate.
+        options = smile._options()
+        options["source"] = os.path.join(
+            smile.default_config_root, smile_config.EXTERNAL_INPUT_CONFIG
+        )
+        options["sampleRate"] = sample_rate
+        options["nBits"] = 16
+        self.api: OpenSMILE = smile._smile(options=options)
+        self.used = False
+        self._frames: list[np.ndarray] = []
+
+    def _collect(self, data: np.ndarray, meta: FrameMetaData) -> None:
+        self._frames.append(data.copy())
+
+    def run(self, signal: np.ndarray) -> np.ndarray:
+        """(frames, features) for a mono float signal; no rows when openSMILE emits none."""
+        if self.used:
+            self.api.reset()
+        self.used = True
+        self._frames = []
+        # Callbacks must be registered again after a reset. The wrapper keeps every ctypes
+        # thunk it ever made alive; only the newest is registered, so drop the others.
+        self.api.external_sink_set_callback_ex(
+            smile_config.EXTERNAL_OUTPUT_COMPONENT, self._collect
+        )
+        del self.api._callbacks[:-1]
+        # The same int16 conversion as opensmile.Smile._extract.
+        samples = signal.copy()
+        samples *= 32768
+        self.api.external_audio_source_write_data(
+            smile_config.EXTERNAL_SOURCE_COMPONENT, bytes(samples.astype(np.int16))
+        )
+        self.api.external_audio_source_set_eoi(smile_config.EXTERNAL_SOURCE_COMPONENT)
+        self.api.run()
+        frames, self._frames = self._frames, []
+        return np.vstack(frames) if frames else np.empty((0, 0), dtype=np.float32)
+
+    def free(self) -> None:
+        self.api.free()
+
+
 class OpenSmileExtractor(Extractor):
     """openSMILE via ``opensmile.Smile``, per item in the loader workers.
 
     Given the signal at the file's own rate (``sample_rate=None``) the result equals
-    ``opensmile.Smile(feature_set, feature_level).process_file(path)``.
+    ``opensmile.Smile(feature_set, feature_level).process_file(path)``. Each worker keeps one
+    openSMILE instance per sample rate and resets it between items instead of building one per
+    item as ``opensmile.Smile`` does (same numbers, less work per item).
 
     Args:
         name: the extractor's registered name.
@@ -44,6 +100,8 @@ class OpenSmileExtractor(Extractor):
         except KeyError as exc:
             raise ValueError(f"unknown openSMILE feature set or level: {exc}") from None
         self._smile: opensmile.Smile | None = None
+        self._engines: dict[int, _Engine] = {}
+        self._engines_pid = os.getpid()
         self._names = list(self.smile.feature_names)
 
     @property
@@ -69,13 +127,31 @@ class OpenSmileExtractor(Extractor):
     def frame_shift_s(self) -> float | None:
         return _LLD_FRAME_SHIFT_S if self.kind == OutputKind.FRAMES else None
 
+    def _engine(self, sample_rate: int) -> _Engine:
+        if self._engines_pid != os.getpid():
+            # A forked worker inherited its parent's instances: build its own instead of
+            # sharing copies of the parent's native state.
+            self._engines, self._engines_pid = {}, os.getpid()
+        if sample_rate not in self._engines:
+            self._engines[sample_rate] = _Engine(self.smile, sample_rate)
+        return self._engines[sample_rate]
+
     def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
-        # Calling the Smile object returns the raw (channels, features, frames) array: the
-        # same numbers as process_signal/process_file without building a pandas frame.
-        values = self.smile(signal, sample_rate)[0]
-        if values.shape[-1] == 0:
-            raise ExtractionError("transform", "openSMILE produced no frames (clip too short)")
-        return values[:, 0] if self.kind == OutputKind.VECTOR else values.T
+        engine = self._engine(sample_rate)
+        try:
+            values = engine.run(np.asarray(signal).reshape(-1))
+        except Exception:
+            # Whatever state a failed run left behind, the next item gets a fresh instance.
+            del self._engines[sample_rate]
+            engine.free()
+            raise
+        if values.shape[0] == 0:
+            # opensmile.Smile warns "Segment too short" and fills NaN here; an item gets a
+            # failure row instead.
+            raise ExtractionError(
+                "preflight", "openSMILE produced no frames: clip too short for this feature set"
+            )
+        return values[0] if self.kind == OutputKind.VECTOR else values
 
     def provenance(self) -> dict[str, str]:
         return {
@@ -85,7 +161,8 @@ class OpenSmileExtractor(Extractor):
         }
 
     def __getstate__(self) -> dict[str, Any]:
-        # The SMILE API handle is not picklable; workers rebuild it on first use.
+        # The SMILE API handles are not picklable; workers rebuild them on first use.
         state = self.__dict__.copy()
         state["_smile"] = None
+        state["_engines"] = {}
         return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from torch.utils.data import Dataset, get_worker_info
 
+from audio_models.data.items import Item
+from audio_models.data.loader import Record, SamplerOrderLoader, collate
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 from tests.test_config import EXTRACTORS
@@ -236,3 +240,35 @@ def test_fbank_on_cuda_equals_cpu(make_cfg, precision: str) -> None:
     np.testing.assert_allclose(
         a.iloc[:, 2:].to_numpy(), b.iloc[:, 2:].to_numpy(), rtol=1e-4, atol=1e-3
     )
+
+
+class _SlowFirst(Dataset):
+    """Item 0 takes a second, the others a hundredth; each record says which worker made it."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> Record:
+        time.sleep(1.0 if index == 0 else 0.01)
+        worker = get_worker_info()
+        record = Record(item=Item(id=str(index), path=""), index=index)
+        record.extra = {"worker": str(worker.id if worker else -1)}
+        return record
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_free_workers_take_the_next_items_and_batches_keep_sampler_order(
+    batch_size: int,
+) -> None:
+    # Dealt in turn (PyTorch's default), each worker would get half the items and the fast one
+    # would wait for the slow one; taken as the workers free up, the fast one does nearly all.
+    order = [5, 0, *range(6, 24), *range(1, 5)]
+    loader = SamplerOrderLoader(
+        _SlowFirst(), batch_size=batch_size, sampler=order, num_workers=2, collate_fn=collate
+    )
+    batches = list(loader)
+    assert [r.index for b in batches for r in b.records] == order
+    assert [[r.index for r in b.records] for b in batches] == [list(b) for b in loader._order]
+    by_worker = [r.extra["worker"] for b in batches for r in b.records]
+    slow = next(r.extra["worker"] for b in batches for r in b.records if r.index == 0)
+    assert by_worker.count(slow) <= len(order) // 4

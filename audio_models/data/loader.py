@@ -37,6 +37,7 @@ class Record:
     """One item on its way through the pipeline."""
 
     item: Item
+    index: int = -1  # position in the dataset (what the loader reorders by)
     meta: dict[str, Any] = field(default_factory=dict)
     features: np.ndarray | None = None
     transcript: Transcript | None = None  # what a TRANSCRIPT extractor produced
@@ -164,7 +165,7 @@ class ItemDataset(Dataset[Record]):
 
     def __getitem__(self, index: int) -> Record:
         item = self.items[index]
-        record = Record(item=item)
+        record = Record(item=item, index=index)
         worker = get_worker_info()
         if worker is not None and self.worker_items is not None:
             self.worker_items[worker.id] = index
@@ -258,6 +259,37 @@ def collate(records: list[Record]) -> Batch:
         waveforms[row, : lengths[row]] = torch.from_numpy(records[i].signal)
         records[i].signal = None  # the padded tensor now carries it
     return Batch(records=records, waveforms=waveforms, lengths=lengths, rows=rows)
+
+
+class SamplerOrderLoader(DataLoader[Record]):
+    """A DataLoader whose workers take work as they free up, whose batches come out in the
+    sampler's order all the same.
+
+    PyTorch's default (``in_order=True``) deals indexes to the workers in turn and hands
+    batches back strictly in order, so a worker that finished its share sits idle while
+    another is still on a long file. With ``in_order=False`` the next index goes to a worker
+    with room; this class holds early arrivals back (at most the batches in flight) and yields
+    them in the sampler's order, so outputs, commits and resumes stay deterministic.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("in_order", False)  # Lightning re-creates loaders with their attrs
+        super().__init__(*args, **kwargs)
+        # The order, taken now: Lightning wraps batch samplers in an object whose iterator is
+        # shared state (a second iteration would steal the loader's batches).
+        self._order = [tuple(b) for b in self.batch_sampler]  # type: ignore[union-attr]
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        if self.num_workers == 0:
+            yield from super().__iter__()
+            return
+        arrived: dict[tuple[int, ...], Batch] = {}
+        batches = super().__iter__()
+        for key in self._order:
+            while key not in arrived:
+                batch = next(batches)
+                arrived[tuple(r.index for r in batch.records)] = batch
+            yield arrived.pop(key)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -413,15 +445,15 @@ class ExtractionDataModule(L.LightningDataModule):
         )
         mine = shard(len(self.dataset.items), rank, world, durations)
         if not self.dataset.extractor.uses_forward:
-            return DataLoader(self.dataset, batch_size=1, sampler=mine, **common)
+            return SamplerOrderLoader(self.dataset, batch_size=1, sampler=mine, **common)
         if self.batch_audio_s is not None:
             assert durations is not None
             # Similar lengths together: less padding for the device to chew on.
             sampler = LengthBucketSampler(
                 [durations[i] for i in mine], self.batch_audio_s, self.batch_size, indices=mine
             )
-            return DataLoader(self.dataset, batch_sampler=sampler, **common)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=mine, **common)
+            return SamplerOrderLoader(self.dataset, batch_sampler=sampler, **common)
+        return SamplerOrderLoader(self.dataset, batch_size=self.batch_size, sampler=mine, **common)
 
 
 def shard(n_items: int, rank: int, world: int, durations: list[float] | None) -> list[int]:

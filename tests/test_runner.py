@@ -272,3 +272,17 @@ def test_free_workers_take_the_next_items_and_batches_keep_sampler_order(
     by_worker = [r.extra["worker"] for b in batches for r in b.records]
     slow = next(r.extra["worker"] for b in batches for r in b.records if r.index == 0)
     assert by_worker.count(slow) <= len(order) // 4
+
+
+def test_held_back_batches_are_bounded() -> None:
+    # The slow item would hold 22 finished items back; with room for 4 the earliest of them go
+    # out ahead of it, every item exactly once.
+    order = [5, 0, *range(6, 24), *range(1, 5)]
+    loader = SamplerOrderLoader(
+        _SlowFirst(), batch_size=1, sampler=order, num_workers=2, collate_fn=collate, max_ahead=4
+    )
+    out = [r.index for b in loader for r in b.records]
+    assert sorted(out) == sorted(order)
+    assert out[0] == 5
+    assert out.index(0) > 4  # released ahead of it, earliest first
+    assert out[1:5] == sorted(out[1:5])

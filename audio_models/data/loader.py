@@ -268,13 +268,21 @@ class SamplerOrderLoader(DataLoader[Record]):
     PyTorch's default (``in_order=True``) deals indexes to the workers in turn and hands
     batches back strictly in order, so a worker that finished its share sits idle while
     another is still on a long file. With ``in_order=False`` the next index goes to a worker
-    with room; this class holds early arrivals back (at most the batches in flight) and yields
-    them in the sampler's order, so outputs, commits and resumes stay deterministic.
+    with room; this class holds early arrivals back and yields them in the sampler's order,
+    so outputs and commits are deterministic. Memory stays bounded: when ``max_ahead``
+    batches are held back waiting for one slow item (a long recording among short ones), the
+    earliest of them goes out ahead of it.
+
+    Args:
+        max_ahead: batches held back at most; default: twice the batches in flight, and at
+            least 64 items' worth for one-item batches (small per-item outputs).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_ahead: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("in_order", False)  # Lightning re-creates loaders with their attrs
         super().__init__(*args, **kwargs)
+        in_flight = (self.prefetch_factor or 0) * self.num_workers
+        self.max_ahead = max_ahead or max(2 * in_flight, 64 // (self.batch_size or 64), 1)
         # The order, taken now: Lightning wraps batch samplers in an object whose iterator is
         # shared state (a second iteration would steal the loader's batches).
         self._order = [tuple(b) for b in self.batch_sampler]  # type: ignore[union-attr]
@@ -283,10 +291,20 @@ class SamplerOrderLoader(DataLoader[Record]):
         if self.num_workers == 0:
             yield from super().__iter__()
             return
+        position = {key: i for i, key in enumerate(self._order)}
         arrived: dict[tuple[int, ...], Batch] = {}
+        released: set[tuple[int, ...]] = set()  # went out ahead of their turn
         batches = super().__iter__()
         for key in self._order:
+            if key in released:
+                released.discard(key)
+                continue
             while key not in arrived:
+                if len(arrived) >= self.max_ahead:
+                    early = min(arrived, key=position.__getitem__)
+                    released.add(early)
+                    yield arrived.pop(early)
+                    continue
                 batch = next(batches)
                 arrived[tuple(r.index for r in batch.records)] = batch
             yield arrived.pop(key)

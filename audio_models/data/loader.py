@@ -291,17 +291,21 @@ class SamplerOrderLoader(DataLoader[Record]):
         if self.num_workers == 0:
             yield from super().__iter__()
             return
-        position = {key: i for i, key in enumerate(self._order)}
+        order = self._order
         arrived: dict[tuple[int, ...], Batch] = {}
         released: set[tuple[int, ...]] = set()  # went out ahead of their turn
         batches = super().__iter__()
-        for key in self._order:
+        for i, key in enumerate(order):
             if key in released:
                 released.discard(key)
                 continue
             while key not in arrived:
                 if len(arrived) >= self.max_ahead:
-                    early = min(arrived, key=position.__getitem__)
+                    # The earliest held batch: a short scan, past batches still in flight.
+                    j = i + 1
+                    while order[j] not in arrived:
+                        j += 1
+                    early = order[j]
                     released.add(early)
                     yield arrived.pop(early)
                     continue

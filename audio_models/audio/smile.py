@@ -21,9 +21,10 @@ class _Engine:
     """One initialised openSMILE instance for one sample rate, reset and run again per item.
 
     ``opensmile.Smile`` builds, initialises (parses the whole config) and frees a new instance
-    for every signal; on ~10 s clips that is ~5 % of the work. openSMILE's ``reset`` returns an
-    instance to its state right after ``initialize`` (its API documents reuse this way), and
-    the outputs are bit-identical to a fresh instance (tests compare against ``process_file``).
+    for every signal: ~6 ms against ~3 ms for a reset here (eGeMAPS; ~10 % of the work on a
+    2 s clip, ~2 % on an 11 s one). openSMILE's ``reset`` returns an instance to its state
+    right after ``initialize`` (its API documents reuse this way), and the outputs are
+    bit-identical to a fresh instance (tests compare against ``process_file``).
     """
 
     def __init__(self, smile: opensmile.Smile, sample_rate: int) -> None:

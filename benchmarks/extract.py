@@ -1,6 +1,7 @@
 """Benchmark: egemaps through the runner vs opensmile's own batch path, at 1 and 2 workers.
 
     python -m benchmarks.extract [--n-files 120] [--workers 1 2] [--corpus DIR]
+                                 [--seconds 1.5 20]
 
 Builds a corpus of real speech (concatenations of ``../shared/data/speech`` recordings, 1.5–20 s,
 16 kHz) and prints, from one process, audio seconds per second of
@@ -33,9 +34,14 @@ RATE = 16000
 
 
 def build_corpus(
-    out: Path, n_files: int, source: Path = SHARED_SPEECH, seed: int = 0
+    out: Path,
+    n_files: int,
+    source: Path = SHARED_SPEECH,
+    seed: int = 0,
+    seconds: tuple[float, float] = (1.5, 20.0),
 ) -> list[Path]:
-    """Write ``n_files`` WAVs of 1.5–20 s, each a random concatenation of real recordings."""
+    """Write ``n_files`` WAVs of ``seconds`` (uniform; default 1.5–20 s), each a random
+    concatenation of real recordings."""
     recordings = sorted(p for p in source.rglob("*") if p.suffix in {".wav", ".flac"})
     if not recordings:
         raise UserError(f"no recordings under {source}: the benchmark needs ../shared/data/speech")
@@ -44,7 +50,7 @@ def build_corpus(
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(n_files):
-        target = rng.uniform(1.5, 20.0)
+        target = rng.uniform(*seconds)
         parts, total = [], 0
         while total < target * RATE:
             piece = signals[rng.integers(len(signals))]
@@ -150,11 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--corpus", type=Path, default=None, help="reuse/keep the corpus here")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per path")
+    parser.add_argument(
+        "--seconds", type=float, nargs=2, default=[1.5, 20.0], help="file durations (min max)"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = args.corpus or Path(tmp) / "corpus"
-        files = build_corpus(corpus, args.n_files)
+        files = build_corpus(corpus, args.n_files, seconds=tuple(args.seconds))
         audio_s = sum(sf.info(str(f)).duration for f in files)
         for f in files:  # warm the page cache so neither path pays the first read
             f.read_bytes()

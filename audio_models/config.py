@@ -263,6 +263,9 @@ class LoaderConfig:
 @dataclass
 class WriterConfig:
     row_group_rows: int = 512
+    # Seconds between committed parts (at least one loader batch each): fewer, larger parts
+    # for the final consolidation to read; a kill loses about this much finished work.
+    commit_every_s: float = 2.0
 
 
 @dataclass

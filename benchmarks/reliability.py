@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             f"dataset.path={manifest}",
             "loader.batch_size=2",
             "loader.num_workers=1",
+            "writer.commit_every_s=0",  # a part per batch: the kills land between commits
             "max_failure_ratio=1.0",
         ]
         made = kill_and_resume(overrides, out, args.kills)

@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -189,6 +190,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
         extra_columns=extractor.extra_columns,
         row_group_rows=cfg.writer.row_group_rows,
         commit_rows=cfg.loader.batch_size,
+        commit_every_s=cfg.writer.commit_every_s,
         feature_groups=extractor.feature_groups,
         storage_dtype=extractor.storage_dtype,
     )
@@ -276,6 +278,8 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except BaseException as exc:
+        with contextlib.suppress(Exception):  # the error may be the writer's own (disk full)
+            writer.flush()  # finished items stay committed for the rerun
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         dead = datamodule.items_of_dead_workers(str(exc)) if isinstance(exc, RuntimeError) else []
         if dead:

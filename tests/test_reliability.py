@@ -21,6 +21,11 @@ import torch
 
 from audio_models.audio.kaldi import KaldiExtractor
 from audio_models.audio.smile import OpenSmileExtractor
+from audio_models.data.items import Item
+from audio_models.data.loader import Record
+from audio_models.extractor import OutputKind
+from audio_models.pipeline import writer as writer_module
+from audio_models.pipeline.writer import PROGRESS, OutputStore, ParquetFeatureWriter
 from audio_models.utils.errors import UserError
 from benchmarks.reliability import build_bad_corpus, voice
 from runners.extract import extract
@@ -86,6 +91,7 @@ def test_kill_and_resume_writes_every_item_once(tmp_path: Path) -> None:
         f"dataset.root={tmp_path}/demo",
         "loader.batch_size=2",
         "loader.num_workers=1",
+        "writer.commit_every_s=0",  # a part per batch: kills land between many commits
         "progress_bar=false",
         "device=cpu",
         f"tracking.uri={uri}",
@@ -131,6 +137,7 @@ def test_kill_and_resume_frames(tmp_path: Path) -> None:
         f"dataset.root={tmp_path}/demo",
         "loader.batch_size=1",
         "loader.num_workers=1",
+        "writer.commit_every_s=0",  # a part per batch: kills land between many commits
         "progress_bar=false",
         "device=cpu",
         "tracking=off",
@@ -320,6 +327,7 @@ class _PoisonedSmile(OpenSmileExtractor):
 
     def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
         if signal.size and np.all(signal == 0.5):
+            time.sleep(0.5)  # the runner has taken the items before this one meanwhile
             os.kill(os.getpid(), signal_module.SIGKILL)
         return super().transform(signal, sample_rate)
 
@@ -350,6 +358,10 @@ def test_dead_worker_is_reported_with_its_item(make_cfg, tmp_path: Path) -> None
     with pytest.raises(UserError, match=r"worker died while processing 'poison\.wav'"):
         extract(make_cfg(*overrides))
     result = extract(make_cfg(*overrides))  # the rerun resumes and completes
+    # The items finished before the crash were committed by the failed run (pending ones
+    # too, not only those past commit_every_s): the rerun computed none of them again, nor
+    # the poisoned one (its failure row is committed).
+    assert result.metrics["n_skipped_resumed"] == 5
     failures = pd.read_parquet(result.output_dir / "failures.parquet")
     assert list(failures["id"]) == ["poison.wav"] and failures["stage"].iloc[0] == "worker"
     assert len(pd.read_parquet(result.output_dir / "features.parquet")) == 4
@@ -401,3 +413,54 @@ def test_secrets_never_reach_mlflow(make_cfg, mlflow_store) -> None:
     )
     assert "SECRETVALUE123" not in everything and "SECRETKEY456" not in everything
     assert run.data.params["hf_token"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("every_s", "cap_bytes", "parts"), [(0.0, 2**26, 6), (3600.0, 2**26, 1), (3600.0, 16, 6)]
+)
+def test_commits_gather_batches_for_commit_every_s(
+    tmp_path: Path, monkeypatch, every_s: float, cap_bytes: int, parts: int
+) -> None:
+    # 12 finished records in batches of 2: a part per batch with commit_every_s=0, one part
+    # (at the end) when the interval never passes, a part per batch again when each batch's
+    # features (16 bytes) reach the pending-memory cap.
+    monkeypatch.setattr(writer_module, "_PENDING_BYTES", cap_bytes)
+    items = [Item(id=f"a{i}", path=f"/a{i}.wav") for i in range(12)]
+    store = OutputStore(tmp_path, "hash")
+    store.open()
+    writer = ParquetFeatureWriter(
+        store,
+        kind=OutputKind.VECTOR,
+        feature_names=["x", "y"],
+        frame_shift_s=None,
+        items=items,
+        label_columns=[],
+        commit_rows=2,
+        commit_every_s=every_s,
+    )
+    meta = {
+        "start": 0.0,
+        "end": 1.0,
+        "duration_s": 1.0,
+        "sample_rate": 16000,
+        "source_sample_rate": 16000,
+        "n_channels": 1,
+        "channel_policy": "mean",
+        "silence_ratio": 0.0,
+        "clipping_ratio": 0.0,
+    }
+    counts = []
+    for start in range(0, 12, 2):
+        batch = []
+        for item in items[start : start + 2]:
+            record = Record(item=item, key=item.id, meta=dict(meta))
+            record.features = np.array([1.0, 2.0], dtype=np.float32)
+            batch.append(record)
+        writer.consume(batch)
+        counts.append(len(list((tmp_path / PROGRESS).glob("part-*.parquet"))))
+    writer.flush()
+    assert counts == ([1, 2, 3, 4, 5, 6] if parts == 6 else [0] * 6)
+    assert len(list((tmp_path / PROGRESS).glob("part-*.parquet"))) == parts
+    store.finalize(row_group_rows=512, run_id=None, feature_columns=writer.feature_columns)
+    table = pd.read_parquet(tmp_path / "features.parquet")
+    assert list(table["id"]) == [item.id for item in items]

@@ -157,6 +157,11 @@ def _seq_files(folder: Path, kind: str) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+# Pending features past this are committed whatever commit_every_s says: frame-level outputs
+# of long recordings must not pile up in memory between commits.
+_PENDING_BYTES = 64 * 2**20
+
+
 class OutputStore:
     """The output directory of one configuration: what is committed, what comes next.
 
@@ -445,8 +450,12 @@ class ParquetFeatureWriter(BasePredictionWriter):
         label_columns: label column names in output order.
         extra_columns: text columns the extractor adds (a predicted label, say).
         row_group_rows: rows per row group of the consolidated ``features.parquet``.
-        commit_rows: records gathered per committed part (the loader's batch size): a kill
-            loses at most this many finished items, which a rerun computes again.
+        commit_rows: records gathered at least per committed part (the loader's batch size).
+        commit_every_s: and at least this many seconds since the last commit (0: every
+            ``commit_rows``). Every part is a file the final consolidation reads (~5 ms each):
+            per-batch parts of a short-clip corpus made that the tail of the run. A kill loses
+            about this much finished work, which a rerun computes again; pending records past
+            ``_PENDING_BYTES`` of features are committed at once.
     """
 
     def __init__(
@@ -461,6 +470,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
         extra_columns: list[str] | None = None,
         row_group_rows: int = 512,
         commit_rows: int = 1,
+        commit_every_s: float = 0.0,
         feature_groups: list[tuple[str, int]] | None = None,
         storage_dtype: str | None = None,
     ) -> None:
@@ -471,6 +481,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.storage_dtype = np.dtype(storage_dtype) if storage_dtype else None
         self.store = store
         self.commit_rows = commit_rows
+        self.commit_every_s = commit_every_s
+        self._last_commit = time.monotonic()
+        self._pending_bytes = 0
         self.feature_groups = feature_groups
         self._pending: list[Record] = []
         self.kind = kind
@@ -570,14 +583,25 @@ class ParquetFeatureWriter(BasePredictionWriter):
 
     # -- writing ---------------------------------------------------------------------------
     def consume(self, records: list[Record]) -> None:
-        """Take a batch's records; commit once ``commit_rows`` of them are pending."""
+        """Take a batch's records; commit once ``commit_rows`` of them are pending and
+        ``commit_every_s`` has passed (or they hold ``_PENDING_BYTES`` of features)."""
         self._pending.extend(records)
-        if len(self._pending) >= self.commit_rows:
+        self._pending_bytes += sum(r.features.nbytes for r in records if r.features is not None)
+        if len(self._pending) < self.commit_rows:
+            return
+        due = time.monotonic() - self._last_commit >= self.commit_every_s
+        if due or self._pending_bytes >= _PENDING_BYTES:
             self._commit()
+
+    def flush(self) -> None:
+        """Commit what is pending now (an interrupted run keeps its finished items)."""
+        self._commit()
 
     def _commit(self) -> None:
         """Commit the pending records: successes to a part (and shard), failures to a fail file."""
         records, self._pending = self._pending, []
+        self._pending_bytes = 0
+        self._last_commit = time.monotonic()
         done, failures = [], []
         for record in records:
             if record.skipped:

@@ -29,6 +29,8 @@ class _Engine:
 
     def __init__(self, smile: opensmile.Smile, sample_rate: int) -> None:
         # The options opensmile.Smile._extract passes: its external audio source at this rate.
+        # _options/_smile are the wrapper's private helpers (opensmile is pinned in uv.lock;
+        # the tests against process_file would catch a change in what they build).
         options = smile._options()
         options["source"] = os.path.join(
             smile.default_config_root, smile_config.EXTERNAL_INPUT_CONFIG

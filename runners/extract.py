@@ -8,7 +8,6 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -278,8 +277,6 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except BaseException as exc:
-        with contextlib.suppress(Exception):  # the error may be the writer's own (disk full)
-            writer.flush()  # finished items stay committed for the rerun
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         dead = datamodule.items_of_dead_workers(str(exc)) if isinstance(exc, RuntimeError) else []
         if dead:

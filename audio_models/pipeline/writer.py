@@ -26,6 +26,7 @@ are never mixed in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -543,7 +544,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.store.interleave(trainer.global_rank, trainer.world_size)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._commit()
+        self.flush()
         if trainer.world_size > 1:
             wall = time.perf_counter() - self._started
             mine = torch.tensor(
@@ -591,14 +592,19 @@ class ParquetFeatureWriter(BasePredictionWriter):
             return
         due = time.monotonic() - self._last_commit >= self.commit_every_s
         if due or self._pending_bytes >= _PENDING_BYTES:
-            self._commit()
+            self.flush()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # A run that fails (a worker died, Ctrl-C) keeps the items it finished: the rerun
+        # skips them. The error may be this writer's own (disk full): it stands, not this.
+        with contextlib.suppress(Exception):
+            self.flush()
 
     def flush(self) -> None:
-        """Commit what is pending now (an interrupted run keeps its finished items)."""
-        self._commit()
-
-    def _commit(self) -> None:
-        """Commit the pending records: successes to a part (and shard), failures to a fail file."""
+        """Commit the pending records now: successes to a part (and shard), failures to a fail
+        file."""
         records, self._pending = self._pending, []
         self._pending_bytes = 0
         self._last_commit = time.monotonic()

@@ -18,6 +18,7 @@ from torchaudio.compliance import kaldi
 from audio_models.audio.kaldi import KaldiExtractor
 from audio_models.audio.smile import OpenSmileExtractor
 from audio_models.utils.errors import ExtractionError
+from benchmarks.reliability import voice
 from runners.extract import extract
 
 
@@ -196,10 +197,8 @@ def test_reused_opensmile_instance_equals_a_fresh_one(feature_set: str, level: s
     rng = np.random.default_rng(0)
     signals = []
     for rate, seconds in [(16000, 1.3), (22050, 0.8), (16000, 0.01), (44100, 1.1), (16000, 2.0)]:
-        t = np.arange(int(rate * seconds)) / rate
-        pitch = rng.uniform(100, 250)
-        wave = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-        signals.append(((wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32), rate))
+        wave = voice(seconds, f0=rng.uniform(100, 250), sr=rate)
+        signals.append(((wave + 0.01 * rng.standard_normal(wave.size)).astype(np.float32), rate))
     extractor = OpenSmileExtractor(name="x", feature_set=feature_set, feature_level=level)
     fresh = opensmile.Smile(
         feature_set=opensmile.FeatureSet[feature_set], feature_level=opensmile.FeatureLevel[level]

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig
 
 from audio_models.registry import register_extractor
+from audio_models.utils.errors import UserError
 
 # -- extractors ---------------------------------------------------------------------------
 
@@ -340,3 +343,19 @@ def _register() -> None:
 
 
 _register()
+
+
+def build(cfg: DictConfig, key: str) -> Any:
+    """Instantiate the config group ``cfg[key]``, the one path every runner builds through.
+
+    Raises:
+        UserError: whatever the constructor raised, as one line (a ``UserError`` unchanged;
+            anything else prefixed with the group), instead of Hydra's wrapped traceback.
+    """
+    try:
+        return instantiate(cfg[key], _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"{key}: {cause}") from None

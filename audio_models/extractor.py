@@ -182,3 +182,63 @@ class Extractor:
     def provenance(self) -> dict[str, str]:
         """What decides the numbers beyond the config: model ids, revisions, hashes."""
         return {}
+
+    def process_signal(
+        self, signal: np.ndarray, sample_rate: int
+    ) -> np.ndarray | Output | Transcript:
+        """Features of one signal, as the pipeline computes them for one item.
+
+        Args:
+            signal: samples, ``(samples,)`` or ``(channels, samples)`` (channels averaged,
+                the pipeline's default ``mean`` policy).
+            sample_rate: the signal's rate; resampled to :attr:`sample_rate` when that is set.
+
+        Returns:
+            What :meth:`transform` or :meth:`forward` returns for one item: a vector, an
+            ``(n_frames, dim)`` matrix (as float32 numpy), an :class:`Output`, or a
+            :class:`Transcript`.
+        """
+        from audio_models.audio.io import resample
+
+        x = np.asarray(signal, dtype=np.float32)
+        if x.ndim == 2:
+            x = x.mean(axis=0)
+        if x.ndim != 1 or x.size == 0:
+            raise ValueError("expected a non-empty (samples,) or (channels, samples) signal")
+        if self.sample_rate is not None and sample_rate != self.sample_rate:
+            x = resample(np.ascontiguousarray(x), sample_rate, self.sample_rate)
+            sample_rate = self.sample_rate
+        if self.uses_transform:
+            return self.transform(np.ascontiguousarray(x), sample_rate)
+        module = self.torch_module()
+        device = next(module.parameters()).device if module is not None else torch.device("cpu")
+        if getattr(self, "_signal_device", None) != device:
+            self.on_device(device)
+            self._signal_device = device
+        with torch.inference_mode():
+            waveforms = torch.from_numpy(np.ascontiguousarray(x))[None].to(device)
+            lengths = torch.tensor([x.shape[0]], device=device)
+            out = self.forward(waveforms, lengths)[0]
+        if isinstance(out, Transcript):
+            return out
+        return out.detach().float().cpu().numpy()
+
+    def process_file(
+        self,
+        path: str,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        channel_policy: str = "mean",
+    ) -> np.ndarray | Output | Transcript:
+        """Features of ``[start, end)`` seconds of one file (decoded as the loader does)."""
+        from audio_models.audio.io import decode
+
+        decoded = decode(
+            path,
+            start=start,
+            end=end,
+            channel_policy=channel_policy,  # type: ignore[arg-type]
+            target_sample_rate=self.sample_rate,
+        )
+        return self.process_signal(decoded.signal, decoded.sample_rate)

@@ -21,10 +21,9 @@ import hydra
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import audio_models.config  # noqa: F401  (registers the structured configs)
+from audio_models.config import build
 from audio_models.evaluation import SCORERS, ProbeScores, linear_probe
 from audio_models.pipeline.writer import (
     FEATURES_KEY,
@@ -35,6 +34,7 @@ from audio_models.pipeline.writer import (
 from audio_models.sweep import ROLE_TAG
 from audio_models.tracking import MlflowTracker
 from audio_models.utils.errors import UserError
+from audio_models.utils.paths import conf_dir
 
 log = logging.getLogger("runners.compare")
 _NOT_FEATURES = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names)
@@ -211,7 +211,7 @@ def _chart(table: pd.DataFrame, path: Path, label: str) -> None:
 
 def compare(cfg: DictConfig) -> Comparison:
     """Score every run and log the comparison; see ``conf/compare.yaml``."""
-    tracker = instantiate(cfg.tracking)
+    tracker = build(cfg, "tracking")
     if not isinstance(tracker, MlflowTracker):
         raise UserError("runners.compare reads runs from MLflow: use tracking=mlflow or server")
     runs, parent = find_runs(tracker, cfg.sweep_id, list(cfg.run_ids or []) or None)
@@ -259,7 +259,7 @@ def compare(cfg: DictConfig) -> Comparison:
     return Comparison(table=table, parent_run_id=parent_id, files=files)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="compare")
 def main(cfg: DictConfig) -> None:
     try:
         result = compare(cfg)

@@ -18,19 +18,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import audio_models.config  # noqa: F401  (registers the structured configs)
 from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
+from audio_models.config import build
 from audio_models.data.datasets import AudioDataset
 from audio_models.data.loader import ExtractionDataModule, Preflight
 from audio_models.evaluation import word_error_rate
@@ -42,6 +39,7 @@ from audio_models.pipeline.writer import TRANSCRIPT_TABLES, OutputStore, Parquet
 from audio_models.sweep import current_job
 from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
+from audio_models.utils.paths import conf_dir
 from audio_models.utils.provenance import git_state, package_versions
 from audio_models.utils.repos import (
     provenance_tags,
@@ -68,17 +66,6 @@ class ExtractionResult:
     def failure_ratio(self) -> float:
         n = self.metrics["n_items"]
         return self.metrics["n_failed"] / n if n else 0.0
-
-
-def _build(cfg: DictConfig, key: str) -> Any:
-    """Instantiate one group, turning constructor errors into one clear line."""
-    try:
-        return instantiate(cfg[key], _convert_="all")
-    except InstantiationException as exc:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise UserError(f"{key}: {cause}") from None
 
 
 def _overrides() -> list[str]:
@@ -130,10 +117,20 @@ def _wer_metrics(transcripts: Path, text_column: str) -> dict[str, float]:
     return {"wer": score.wer, "wer_ref_words": float(score.n_ref_words), "wer_items": len(pairs)}
 
 
-def extract(cfg: DictConfig) -> ExtractionResult:
+def extract(
+    cfg: DictConfig,
+    *,
+    dataset: AudioDataset | None = None,
+    overrides: list[str] | None = None,
+) -> ExtractionResult:
     """Run one extraction as configured; see ``conf/extract.yaml``.
 
     A rerun with the same settings and ``output_dir`` resumes: committed items are skipped.
+
+    Args:
+        cfg: the composed configuration.
+        dataset: items built in Python (``audio_models.extract``) instead of ``cfg.dataset``.
+        overrides: what to record in ``overrides.yaml`` (default: Hydra's task overrides).
 
     Raises:
         UserError: for configuration or dataset problems, before any work starts.
@@ -145,10 +142,14 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     # rank 0 does, before the others start, and merges their outputs at the end.
     rank_zero = is_launch_rank_zero()
     # The tracker first: an unreachable tracking server stops the run before models load.
-    tracker: NullTracker = _build(cfg, "tracking") if rank_zero else NullTracker()
-    extractor: Extractor = _build(cfg, "extractor")
-    dataset: AudioDataset = _build(cfg, "dataset")
-    device: DeviceSpec = _build(cfg, "device")
+    tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
+    if dataset is None:
+        dataset = build(cfg, "dataset")
+    # Listed before the extractor is built: a missing root or a bad manifest is reported
+    # before any model weights load.
+    items = dataset.items
+    extractor: Extractor = build(cfg, "extractor")
+    device: DeviceSpec = build(cfg, "device")
     device.check_available()
     if (
         device.distributed
@@ -161,10 +162,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
             "device=ddp in a local -m sweep is not supported: run each configuration as its own "
             "command, or sweep with hydra/launcher=slurm and tasks_per_node=device.devices"
         )
-    preflight: Preflight = _build(cfg, "preflight")
+    preflight: Preflight = build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
-    items = dataset.items
     fingerprint = dataset.fingerprint()
     config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
@@ -322,7 +322,9 @@ def extract(cfg: DictConfig) -> ExtractionResult:
             )
         metrics["audio_s_per_s"] = sum(s["audio_seconds"] for s in writer.rank_stats) / wall
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
-    (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(_overrides())))
+    (output_dir / "overrides.yaml").write_text(
+        OmegaConf.to_yaml(redact(overrides if overrides is not None else _overrides()))
+    )
     files = writer.output_files()
     tracker.log_metrics(metrics)
     tracker.log_artifacts(
@@ -345,7 +347,7 @@ def extract(cfg: DictConfig) -> ExtractionResult:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="extract")
 def main(cfg: DictConfig) -> None:
     job = current_job()
     try:

@@ -19,18 +19,18 @@ from typing import Any
 import hydra
 import numpy as np
 import pandas as pd
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
 from sklearn.model_selection import cross_val_predict
 
 from audio_models.audio.librosa_features import LibrosaExtractor
-from audio_models.config import ExtractConfig
+from audio_models.config import ExtractConfig, build
 from audio_models.evaluation import splitter
 from audio_models.speech.ser import load_classifier, sha256_bytes
 from audio_models.tracking import NullTracker, flatten
 from audio_models.utils.errors import UserError
+from audio_models.utils.paths import conf_dir
 from runners.extract import extract
 
 log = logging.getLogger("runners.train_ser")
@@ -118,12 +118,12 @@ def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
 def train(cfg: DictConfig) -> TrainResult:
     """Fit, cross-validate, save and log; see ``conf/train_ser.yaml``."""
     output_dir = Path(cfg.output_dir)
-    dataset = instantiate(cfg.dataset)
+    dataset = build(cfg, "dataset")
     label = dataset.label_column
     if label is None:
         raise UserError("set dataset.label_column to the emotion column to train on")
     estimator = build_estimator(cfg)  # fails early on a bad estimator or an unverified file
-    tracker: NullTracker = instantiate(cfg.tracking)
+    tracker: NullTracker = build(cfg, "tracking")
     table, names = _features(cfg, output_dir)
     table = table[table[label].notna()]
     if table.empty:
@@ -201,7 +201,7 @@ def train(cfg: DictConfig) -> TrainResult:
     return TrainResult(model_path, digest, metrics, tracker.run_id)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_ser")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train_ser")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)

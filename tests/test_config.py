@@ -56,7 +56,7 @@ def test_every_extractor_option_is_tested() -> None:
 
 @pytest.mark.parametrize("name", ["xlsr", "wav2vec2", "hubert", "wavlm"])
 def test_ssl_options_instantiate(name: str, tmp_path: Path) -> None:
-    from tests.test_ssl import make_tiny
+    from audio_models.testing import make_tiny
 
     folder = make_tiny(tmp_path / name, "wav2vec2-layer")
     cfg = compose_extract([f"extractor={name}", f"extractor.model={folder}", "output_dir=x"])

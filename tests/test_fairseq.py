@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModel, HubertConfig, Wav2Vec2Config
 
 from audio_models.speech.ssl import FairseqCheckpointExtractor, SelfSupervisedExtractor
+from audio_models.testing import TINY as HF_TINY
 from audio_models.utils.errors import UserError
 from runners.extract import extract
-from tests.test_ssl import TINY as HF_TINY
 
 SETTINGS = {  # fairseq's names for a tiny model
     "encoder_embed_dim": 32,

@@ -265,8 +265,8 @@ def test_thirty_minute_recording(make_cfg, tmp_path: Path) -> None:
     )
     signal += 0.01 * rng.standard_normal(n).astype(np.float32)
     sf.write(root / "long.wav", signal, 16000, subtype="PCM_16")
+    from audio_models.testing import make_tiny
     from tests.test_ecapa import make_tiny_ecapa
-    from tests.test_ssl import make_tiny
 
     # Learned models on tiny random weights: chunking keeps their memory bounded (the
     # per-extractor peak RSS at full size is in `python -m benchmarks.reliability`).

@@ -11,49 +11,13 @@ import pytest
 import torch
 from transformers import (
     AutoModel,
-    HubertConfig,
-    Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
-    WavLMConfig,
 )
 
 from audio_models.speech.ssl import SelfSupervisedExtractor
+from audio_models.testing import FAMILIES, make_tiny
 from audio_models.utils.errors import UserError
 from runners.extract import extract
-
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "intermediate_size": 40,
-    "conv_dim": (8, 8, 8),
-    "conv_kernel": (10, 8, 8),
-    "conv_stride": (5, 4, 4),
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 2,
-}
-FAMILIES = {
-    # (config class, feature-encoder norm): XLSR-like layer norm, base-like group norm
-    "wav2vec2-layer": (Wav2Vec2Config, "layer"),
-    "hubert-group": (HubertConfig, "group"),
-    "wavlm-group": (WavLMConfig, "group"),
-    "wav2vec2-group": (Wav2Vec2Config, "group"),
-}
-
-
-def make_tiny(folder: Path, family: str) -> Path:
-    cls, norm = FAMILIES[family]
-    torch.manual_seed(0)
-    config = cls(**TINY, feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
-    AutoModel.from_config(config).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1,
-        sampling_rate=16000,
-        padding_value=0.0,
-        do_normalize=True,
-        return_attention_mask=norm == "layer",
-    ).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -14,8 +14,9 @@ from typing import Any
 import pandas as pd
 
 from audio_models.data.demo import ensure_demo_corpus
-from audio_models.data.items import Item
+from audio_models.data.items import Item, segment_id
 from audio_models.utils.errors import UserError
+from audio_models.utils.paths import default_cache_dir
 from audio_models.utils.provenance import fingerprint_files
 
 AUDIO_PATTERNS: tuple[str, ...] = ("**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3")
@@ -23,11 +24,6 @@ AUDIO_PATTERNS: tuple[str, ...] = ("**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp
 RESERVED_COLUMNS = frozenset(
     {"id", "path", "start", "end", "duration_s", "sample_rate", "source_sample_rate", "n_channels"}
 )
-
-
-def default_cache_dir() -> Path:
-    """Where generated data lives: ``$AUDIO_MODELS_CACHE`` or ``~/.cache/audio_models``."""
-    return Path(os.environ.get("AUDIO_MODELS_CACHE", Path.home() / ".cache" / "audio_models"))
 
 
 class AudioDataset:
@@ -93,6 +89,27 @@ def _check_labels(labels: dict[str, Any], where: str) -> dict[str, Any]:
     if clash:
         raise UserError(f"{where}: label columns {sorted(clash)} clash with output columns")
     return labels
+
+
+class ItemsDataset(AudioDataset):
+    """Items made in Python (``audio_models.extract`` on a list of files or a DataFrame).
+
+    Args:
+        items: the items, ids unique; labels are kept exactly as given.
+        name: dataset name.
+    """
+
+    def __init__(self, *, items: Sequence[Item], name: str = "items") -> None:
+        super().__init__(name=name)
+        self._given = list(items)
+        for item in self._given:
+            _check_labels(item.labels, item.id)
+
+    def describe(self) -> str:
+        return f"{len(self._given)} items given in Python"
+
+    def _load(self) -> list[Item]:
+        return self._given
 
 
 class FolderDataset(AudioDataset):
@@ -231,7 +248,7 @@ class ManifestDataset(AudioDataset):
             elif start is None and end is None:
                 item_id = raw
             else:
-                item_id = f"{raw}@{start or 0.0:g}-{'' if end is None else f'{end:g}'}"
+                item_id = segment_id(raw, start, end)
             labels = {c: _plain(row.get(c)) for c in label_cols}
             items.append(
                 Item(

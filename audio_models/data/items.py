@@ -23,3 +23,16 @@ class Item:
     start: float | None = None
     end: float | None = None
     labels: dict[str, Any] = field(default_factory=dict)
+
+
+def _seconds_text(value: float) -> str:
+    # ``:g`` keeps the ids earlier versions wrote (and resumes) where it is exact; beyond its
+    # six significant digits (segments past 10,000 s, sub-millisecond bounds) ``repr`` is.
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def segment_id(path: str, start: float | None, end: float | None) -> str:
+    """The default id of a segment: ``<path>@<start>-<end>`` (seconds; empty end: the file's
+    end), exact for every distinct pair of bounds."""
+    return f"{path}@{_seconds_text(start or 0.0)}-{'' if end is None else _seconds_text(end)}"

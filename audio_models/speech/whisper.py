@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from audio_models.data.datasets import default_cache_dir
 from audio_models.extractor import Extractor, OutputKind, Segment, Transcript, Word
 from audio_models.speech.hub import hub_offline, weights_sha256
 from audio_models.utils.errors import UserError
+from audio_models.utils.paths import default_cache_dir
 from audio_models.utils.provenance import sha256_file
 
 log = logging.getLogger(__name__)

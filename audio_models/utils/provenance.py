@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
+from audio_models.utils.paths import PROJECT_ROOT, in_checkout
+
 # Packages whose versions decide the numbers a run produces; logged as tags on every run.
 MISSION_PACKAGES: tuple[str, ...] = (
     "torch",
@@ -28,8 +30,6 @@ MISSION_PACKAGES: tuple[str, ...] = (
     "soundfile",
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 
 def package_versions(names: Iterable[str] = MISSION_PACKAGES) -> dict[str, str]:
     """Installed version of each package, ``"not-installed"`` where absent."""
@@ -42,11 +42,17 @@ def package_versions(names: Iterable[str] = MISSION_PACKAGES) -> dict[str, str]:
     return versions
 
 
-def git_state(repo: Path = PROJECT_ROOT) -> tuple[str, bool]:
-    """The commit checked out in ``repo`` and whether tracked files differ from it.
+def git_state(repo: Path | None = None) -> tuple[str, bool]:
+    """The commit checked out in ``repo`` (default: the project's checkout) and whether
+    tracked files differ from it.
 
-    Returns ``("unknown", False)`` outside a git checkout (an installed wheel, say).
+    Returns ``("unknown", False)`` outside a git checkout (an installed wheel, say: there the
+    enclosing repository, if any, is the user's, not the one that produced the numbers).
     """
+    if repo is None:
+        if not in_checkout():
+            return "unknown", False
+        repo = PROJECT_ROOT
     try:
         commit = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from audio_models.utils.errors import UserError
-from audio_models.utils.provenance import PROJECT_ROOT
+from audio_models.utils.paths import default_external_dir, default_requirements_path
 
 REQUIRED_COLUMNS = ("key", "repository", "commit", "env", "role", "license")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -34,13 +34,14 @@ class RepoError(UserError):
 
 
 def requirements_path() -> Path:
-    """``$AUDIO_MODELS_REQUIREMENTS`` or ``<project>/requirements.csv``."""
-    return Path(os.environ.get("AUDIO_MODELS_REQUIREMENTS", PROJECT_ROOT / "requirements.csv"))
+    """``$AUDIO_MODELS_REQUIREMENTS`` or the project's ``requirements.csv``."""
+    return Path(os.environ.get("AUDIO_MODELS_REQUIREMENTS", default_requirements_path()))
 
 
 def external_dir() -> Path:
-    """``$AUDIO_MODELS_EXTERNAL`` or ``<project>/external/audio``: where checkouts are made."""
-    return Path(os.environ.get("AUDIO_MODELS_EXTERNAL", PROJECT_ROOT / "external" / "audio"))
+    """``$AUDIO_MODELS_EXTERNAL``, else ``<checkout>/external/audio`` (installed from a wheel:
+    ``<cache>/external``, see :func:`audio_models.utils.paths.default_external_dir`)."""
+    return Path(os.environ.get("AUDIO_MODELS_EXTERNAL", default_external_dir()))
 
 
 @dataclass(frozen=True)

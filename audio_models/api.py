@@ -395,7 +395,7 @@ def _timed_index(
 def _feature_columns(path: Path) -> list[str] | None:
     import json
 
-    from audio_models.pipeline.writer import FEATURES_KEY
+    from audio_models.pipeline.store import FEATURES_KEY
 
     recorded = (pq.read_schema(path).metadata or {}).get(FEATURES_KEY)
     return json.loads(recorded) if recorded is not None else None

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from audio_models.config import build
 from audio_models.evaluation import SCORERS, ProbeScores, linear_probe
-from audio_models.pipeline.writer import (
+from audio_models.pipeline.store import (
     FEATURES_KEY,
     FRAME_META_SCHEMA,
     INDEX_COLUMNS,

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -29,13 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
 from audio_models.config import build
 from audio_models.data.datasets import AudioDataset
+from audio_models.data.items import Item
 from audio_models.data.loader import ExtractionDataModule, Preflight
 from audio_models.evaluation import word_error_rate
 from audio_models.extractor import Extractor, OutputKind
 from audio_models.pipeline.device import DeviceSpec, is_launch_rank_zero, use_onednn_linears
 from audio_models.pipeline.module import ExtractionModule
 from audio_models.pipeline.progress import ThroughputProgressBar
-from audio_models.pipeline.writer import TRANSCRIPT_TABLES, OutputStore, ParquetFeatureWriter
+from audio_models.pipeline.store import TRANSCRIPT_TABLES, OutputStore
+from audio_models.pipeline.writer import ParquetFeatureWriter
 from audio_models.sweep import current_job
 from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
@@ -117,30 +120,26 @@ def _wer_metrics(transcripts: Path, text_column: str) -> dict[str, float]:
     return {"wer": score.wer, "wer_ref_words": float(score.n_ref_words), "wer_items": len(pairs)}
 
 
-def extract(
-    cfg: DictConfig,
-    *,
-    dataset: AudioDataset | None = None,
-    overrides: list[str] | None = None,
-) -> ExtractionResult:
-    """Run one extraction as configured; see ``conf/extract.yaml``.
+@dataclass
+class _Parts:
+    """What :func:`_build_parts` made from the config, before any work."""
 
-    A rerun with the same settings and ``output_dir`` resumes: committed items are skipped.
+    tracker: NullTracker
+    extractor: Extractor
+    dataset: AudioDataset
+    items: list[Item]
+    device: DeviceSpec
+    preflight: Preflight
+    used: dict[str, Any]  # upstream key → RepoState of the checkouts the extractor reads
+    upstreams: list[Any]
 
-    Args:
-        cfg: the composed configuration.
-        dataset: items built in Python (``audio_models.extract``) instead of ``cfg.dataset``.
-        overrides: what to record in ``overrides.yaml`` (default: Hydra's task overrides).
 
-    Raises:
-        UserError: for configuration or dataset problems, before any work starts.
-    """
+def _build_parts(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _Parts:
+    """Build step: check the config and list the dataset, then build the extractor."""
     if cfg.loader.channel_policy not in CHANNEL_POLICIES:
         raise UserError(f"loader.channel_policy must be one of {CHANNEL_POLICIES}")
-    L.seed_everything(cfg.seed, verbose=False)
     # Ranks > 0 of a distributed run neither log to MLflow nor clean the output directory:
     # rank 0 does, before the others start, and merges their outputs at the end.
-    rank_zero = is_launch_rank_zero()
     # The tracker first: an unreachable tracking server stops the run before models load.
     tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
     if dataset is None:
@@ -165,7 +164,58 @@ def extract(
     preflight: Preflight = build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
-    fingerprint = dataset.fingerprint()
+    return _Parts(tracker, extractor, dataset, items, device, preflight, used, upstreams)
+
+
+def _run_tags(parts: _Parts, config_hash: str, linear_backend: str) -> dict[str, str]:
+    commit, dirty = git_state()
+    tags = {
+        "extractor": parts.extractor.name,
+        "dataset": parts.dataset.name,
+        "dataset_fingerprint": parts.dataset.fingerprint(),
+        "config_hash": config_hash,
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "accelerator": parts.device.resolved_accelerator,
+        "resampler": RESAMPLER,
+        "cpu_linear_backend": linear_backend,
+        **{f"version.{k}": v for k, v in package_versions().items()},
+        **{f"provenance.{k}": v for k, v in parts.extractor.provenance().items()},
+        **provenance_tags(parts.upstreams),
+    }
+    job = current_job()
+    if job is not None:  # a multirun job: a child of the sweep's parent run
+        tags["sweep_id"] = job.sweep_id
+        tags["sweep_job"] = str(job.job_num)
+        if job.parent_run_id:
+            tags["mlflow.parentRunId"] = job.parent_run_id
+    return tags
+
+
+def extract(
+    cfg: DictConfig,
+    *,
+    dataset: AudioDataset | None = None,
+    overrides: list[str] | None = None,
+) -> ExtractionResult:
+    """Run one extraction as configured; see ``conf/extract.yaml``.
+
+    A rerun with the same settings and ``output_dir`` resumes: committed items are skipped.
+    The steps: build (config, dataset listing, extractor), plan (output store, writer,
+    loader, tags), run (Lightning's predict loop), report (metrics, files, MLflow).
+
+    Args:
+        cfg: the composed configuration.
+        dataset: items built in Python (``audio_models.extract``) instead of ``cfg.dataset``.
+        overrides: what to record in ``overrides.yaml`` (default: Hydra's task overrides).
+
+    Raises:
+        UserError: for configuration or dataset problems, before any work starts.
+    """
+    L.seed_everything(cfg.seed, verbose=False)
+    rank_zero = is_launch_rank_zero()
+    parts = _build_parts(cfg, dataset, rank_zero)
+    extractor = parts.extractor
     config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
     transcribes = extractor.kind == OutputKind.TRANSCRIPT
@@ -177,15 +227,30 @@ def extract(
         tables=TRANSCRIPT_TABLES if transcribes else None,
     )
     if rank_zero:
-        store.open()  # other ranks join it once the process group is up (writer.setup)
+        store.open()  # locks the directory; other ranks join once the process group is up
+    try:
+        return _plan_run_report(cfg, parts, store, config_hash, overrides)
+    finally:
+        store.release()
 
+
+def _plan_run_report(
+    cfg: DictConfig,
+    parts: _Parts,
+    store: OutputStore,
+    config_hash: str,
+    overrides: list[str] | None,
+) -> ExtractionResult:
+    extractor, items, tracker, device = parts.extractor, parts.items, parts.tracker, parts.device
+    output_dir = store.output_dir
+    # -- plan ------------------------------------------------------------------------------
     writer = ParquetFeatureWriter(
         store,
         kind=extractor.kind,
         feature_names=extractor.feature_names,
         frame_shift_s=extractor.frame_shift_s,
         items=items,
-        label_columns=dataset.label_columns,
+        label_columns=parts.dataset.label_columns,
         extra_columns=extractor.extra_columns,
         row_group_rows=cfg.writer.row_group_rows,
         commit_rows=cfg.loader.batch_size,
@@ -214,15 +279,13 @@ def extract(
         pin_memory=device.resolved_accelerator == "cuda",
         config_hash=config_hash,
         done_keys=frozenset(store.done_keys),
-        preflight=preflight,
+        preflight=parts.preflight,
         batch_audio_s=(
             cfg.loader.batch_audio_s
             if cfg.loader.batch_audio_s is not None
             else extractor.batch_audio_s
         ),
     )
-
-    commit, dirty = git_state()
     network = extractor.torch_module()
     linear_backend = "default"
     if (
@@ -232,29 +295,10 @@ def extract(
         and use_onednn_linears(network)
     ):
         linear_backend = "oneDNN"
-    tags = {
-        "extractor": extractor.name,
-        "dataset": dataset.name,
-        "dataset_fingerprint": fingerprint,
-        "config_hash": config_hash,
-        "git_commit": commit,
-        "git_dirty": str(dirty).lower(),
-        "accelerator": device.resolved_accelerator,
-        "resampler": RESAMPLER,
-        "cpu_linear_backend": linear_backend,
-        **{f"version.{k}": v for k, v in package_versions().items()},
-        **{f"provenance.{k}": v for k, v in extractor.provenance().items()},
-        **provenance_tags(upstreams),
-    }
-    job = current_job()
-    if job is not None:  # a multirun job: a child of the sweep's parent run
-        tags["sweep_id"] = job.sweep_id
-        tags["sweep_job"] = str(job.job_num)
-        if job.parent_run_id:
-            tags["mlflow.parentRunId"] = job.parent_run_id
+    tags = _run_tags(parts, config_hash, linear_backend)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(
-        run_name=f"{extractor.name}-{dataset.name}",
+        run_name=f"{extractor.name}-{parts.dataset.name}",
         params=flatten(redact(resolved)),
         tags=tags,
         resume_run_id=store.previous_run_id,
@@ -262,13 +306,14 @@ def extract(
     store.save_state(tracker.run_id)  # a killed run resumes into this MLflow run
     writer.run_id = tracker.run_id
     tracker.log_file(requirements_path())
-    for key, state in used.items():
+    for key, state in parts.used.items():
         if state.dirty and state.path is not None:
             # Local edits decide the numbers too: keep them with the run.
             tracker.log_text(uncommitted_diff(state.path), f"upstream_diffs/{key}.diff")
     if store.resumed:
         log.info("resuming in %s: %d items already committed", output_dir, len(store.done_keys))
 
+    # -- run -------------------------------------------------------------------------------
     started = time.perf_counter()
     # Loader workers are forked from this process: freezing its objects keeps the workers'
     # garbage collector from walking (and copy-on-write touching) everything imported here.
@@ -292,6 +337,8 @@ def extract(
     finally:
         gc.unfreeze()
     wall = time.perf_counter() - started
+
+    # -- report ----------------------------------------------------------------------------
     if trainer.global_rank > 0:  # rank 0 merged this rank's outputs and logs the run
         return ExtractionResult(
             output_dir=output_dir, files=[], metrics={"n_items": 0, "n_failed": 0, "wall_s": wall}
@@ -310,8 +357,8 @@ def extract(
         "peak_rss_mb": own_rss,
         "peak_rss_worker_mb": worker_rss,
     }
-    if transcribes and dataset.text_column is not None:
-        metrics.update(_wer_metrics(store.final_files[0], dataset.text_column))
+    if extractor.kind == OutputKind.TRANSCRIPT and parts.dataset.text_column is not None:
+        metrics.update(_wer_metrics(store.final_files[0], parts.dataset.text_column))
     if writer.rank_stats:  # distributed: each rank's share and throughput
         metrics["world_size"] = float(len(writer.rank_stats))
         for rank, stats in enumerate(writer.rank_stats):
@@ -322,9 +369,8 @@ def extract(
             )
         metrics["audio_s_per_s"] = sum(s["audio_seconds"] for s in writer.rank_stats) / wall
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
-    (output_dir / "overrides.yaml").write_text(
-        OmegaConf.to_yaml(redact(overrides if overrides is not None else _overrides()))
-    )
+    given = overrides if overrides is not None else _overrides()
+    (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(given)))
     files = writer.output_files()
     tracker.log_metrics(metrics)
     tracker.log_artifacts(

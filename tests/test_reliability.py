@@ -25,7 +25,8 @@ from audio_models.data.items import Item
 from audio_models.data.loader import Record
 from audio_models.extractor import OutputKind
 from audio_models.pipeline import writer as writer_module
-from audio_models.pipeline.writer import PROGRESS, OutputStore, ParquetFeatureWriter
+from audio_models.pipeline.store import PROGRESS, OutputStore
+from audio_models.pipeline.writer import ParquetFeatureWriter
 from audio_models.utils.errors import UserError
 from benchmarks.reliability import build_bad_corpus, voice
 from runners.extract import extract

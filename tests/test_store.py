@@ -1,0 +1,150 @@
+"""The output store on its own (no Lightning): the lock, damaged and foreign parts, a lost or
+corrupt state file, an unwritable directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audio_models.pipeline.store import FAILURE_SCHEMA, LOCK, PROGRESS, OutputStore
+from audio_models.utils.errors import UserError
+from runners.extract import extract
+
+
+def _part(keys: list[str]) -> pa.Table:
+    return pa.table({"id": [f"id-{k}" for k in keys], "item_key": keys, "x": [1.0] * len(keys)})
+
+
+def _fails(keys: list[str]) -> pa.Table:
+    rows = {name: [f"{name}-{k}" for k in keys] for name in FAILURE_SCHEMA.names}
+    rows["item_key"] = keys
+    return pa.table(rows, schema=FAILURE_SCHEMA)
+
+
+def _committed(tmp_path: Path, config_hash: str = "h1") -> OutputStore:
+    store = OutputStore(tmp_path / "out", config_hash)
+    store.open()
+    store.save_state("run-1")
+    store.commit(store.next_seq(), _part(["a", "b"]), None, None)
+    store.commit(store.next_seq(), _part(["c"]), _fails(["d"]), None)
+    store.release()
+    return store
+
+
+def test_second_open_is_refused_with_the_holder_and_released_after(tmp_path: Path) -> None:
+    first = OutputStore(tmp_path / "out", "h1")
+    first.open()
+    second = OutputStore(tmp_path / "out", "h1")
+    with pytest.raises(UserError, match=rf"in use by PID {os.getpid()} on "):
+        second.open()
+    first.release()
+    second.open()  # free again
+    second.release()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = (
+        "import os, sys; from audio_models.pipeline.store import OutputStore; "
+        f"s = OutputStore({str(out)!r}, 'h1'); s.open(); print('locked', flush=True); "
+        "sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"PID {holder.pid}"):
+            OutputStore(out, "h1").open()
+    finally:
+        holder.kill()
+        holder.wait()
+    store = OutputStore(out, "h1")
+    store.open()  # the kernel dropped the dead process's lock
+    assert f"PID {os.getpid()}" in (out / LOCK).read_text()
+    store.release()
+
+
+def test_a_run_into_a_locked_directory_fails_at_once(make_cfg, tmp_path: Path) -> None:
+    holder = OutputStore(tmp_path / "out", "other")
+    holder.open()
+    try:
+        with pytest.raises(UserError, match="is in use by PID"):
+            extract(make_cfg())
+        assert not (tmp_path / "out" / "features.parquet").exists()
+    finally:
+        holder.release()
+    extract(make_cfg())  # and works once the holder is gone
+
+
+def test_truncated_part_is_set_aside_and_its_items_redone(tmp_path: Path) -> None:
+    _committed(tmp_path)
+    part = tmp_path / "out" / PROGRESS / "part-000000.parquet"
+    part.write_bytes(part.read_bytes()[:-40])  # footer gone: unreadable
+    store = OutputStore(tmp_path / "out", "h1")
+    store.open()
+    assert store.done_keys == {"c", "d"}  # a and b will be redone
+    assert (tmp_path / "out" / PROGRESS / "damaged" / "part-000000.parquet").exists()
+    assert store.previous_run_id == "run-1"
+    store.release()
+
+
+def test_corrupt_state_is_ignored_and_parts_still_count(tmp_path: Path) -> None:
+    _committed(tmp_path)
+    (tmp_path / "out" / PROGRESS / "state.json").write_text('{"config_hash": "h1", "run')
+    store = OutputStore(tmp_path / "out", "h1")
+    store.open()
+    assert store.done_keys == {"a", "b", "c", "d"}
+    store.release()
+
+
+def test_parts_of_other_settings_are_refused_without_state(tmp_path: Path) -> None:
+    _committed(tmp_path, "h1")
+    (tmp_path / "out" / PROGRESS / "state.json").unlink()
+    with pytest.raises(UserError, match="different settings"):
+        OutputStore(tmp_path / "out", "h2").open()
+    store = OutputStore(tmp_path / "out", "h1")  # the same settings resume
+    store.open()
+    assert store.done_keys == {"a", "b", "c", "d"}
+    store.release()
+
+
+def test_unwritable_output_dir_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot be written"):
+        OutputStore(blocker / "out", "h1").open()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_dir_is_one_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="cannot be written"):
+            OutputStore(out, "h1").open()
+    finally:
+        out.chmod(0o755)
+
+
+def test_temporary_names_are_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = OutputStore(tmp_path / "out", "h1")
+    store.open()
+    seen: list[str] = []
+    real = pq.write_table
+
+    def spy(table: pa.Table, where: object, **kwargs: object) -> None:
+        seen.append(Path(str(where)).name)
+        real(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", spy)
+    store.commit(store.next_seq(), _part(["a"]), None, None)
+    store.release()
+    assert seen == [f"part-000000.parquet.{os.getpid()}.tmp"]

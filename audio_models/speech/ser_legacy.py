@@ -4,9 +4,10 @@ x4nth055/emotion-recognition-using-speech pickles a list of ``(best_estimator, b
 cv_score)`` with an old scikit-learn (0.21–0.24). Today's scikit-learn refuses those files:
 public module paths moved (``sklearn.svm.classes`` → ``sklearn.svm._classes``), the tree node
 record gained ``missing_go_to_left``, gradient boosting's loss objects were replaced, and
-``base_estimator`` became ``estimator``. This module unpickles with an allow-list of globals,
-maps the old paths, and then upgrades each estimator in place so that ``predict_proba`` gives
-the numbers the old version gave (checked against reference outputs in the tests).
+``base_estimator`` became ``estimator``. This module unpickles with an exact allow-list of
+``(module, name)`` globals (:data:`ALLOWED_GLOBALS`), maps the old paths, and then upgrades
+each estimator in place so that ``predict_proba`` gives the numbers the old version gave
+(checked against reference outputs in the tests).
 
 A pickle runs code when loaded: callers verify the file's SHA-256 first
 (:mod:`audio_models.speech.ser`); the allow-list here is a second line of defence.
@@ -19,9 +20,10 @@ import inspect
 import io
 import pickle
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -29,31 +31,14 @@ from sklearn.base import BaseEstimator, is_classifier
 from sklearn.exceptions import InconsistentVersionWarning
 from sklearn.tree._tree import NODE_DTYPE, Tree
 
-# Globals a scikit-learn model pickle may name. Anything else (os.system, builtins.eval, …)
-# is refused before it can run.
-_ALLOWED_PREFIXES = ("sklearn.", "numpy", "scipy.sparse")
-_ALLOWED_GLOBALS = {
-    ("builtins", "slice"),
-    ("builtins", "complex"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "bytearray"),
-    ("builtins", "object"),
-    ("copyreg", "_reconstructor"),
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),
-}
-# Old module paths whose new home is not just "add a leading underscore".
-_MOVED = {
-    "sklearn.tree.tree": "sklearn.tree._classes",
-    "sklearn.ensemble.gradient_boosting": "sklearn.ensemble._gb",
-    "sklearn.neighbors.dist_metrics": "sklearn.metrics._dist_metrics",
-    "sklearn.utils.weight_vector": "sklearn.utils._weight_vector",
-}
+from audio_models.utils.errors import UserError
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global outside the allow-list."""
+class UnsafePickleError(pickle.UnpicklingError, UserError):
+    """The pickle names a global outside the allow-list.
+
+    Also a :class:`UserError`: the runner reports it as one line, naming the global.
+    """
 
 
 class _LegacyTree(Tree):
@@ -94,43 +79,180 @@ def _upgrade_tree_state(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "nodes": upgraded}
 
 
+def _new_stub(cls: type) -> _Stub:
+    """The ``newObj`` helper of scikit-learn's Cython trees and metrics, for stand-ins only."""
+    if not (isinstance(cls, type) and issubclass(cls, _Stub)):
+        raise UnsafePickleError(f"refusing newObj({cls!r}) in a model pickle: only for the trees")
+    return cls.__new__(cls)
+
+
+# What a global of the pickle becomes: an object importable today (module, name), or one of
+# the loader's own stand-ins.
+_Target = tuple[str, str] | type | Callable[..., Any]
+
+# numpy 2 renamed numpy.core to numpy._core; pickles name either, the objects are the same.
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".", 1)[0]) >= 2 else "numpy.core"
+
+# The upstream grid (emotion-recognition-using-speech parameters.py) and the parts its fitted
+# estimators hold: class -> (where to import it from today, every module a pickle from
+# scikit-learn 0.21 to today names it under). 0.21 used public module paths, 0.22 moved the
+# code to private ones (``sklearn.svm.classes`` -> ``sklearn.svm._classes``).
+_SKLEARN_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "SVC": ("sklearn.svm", ("sklearn.svm.classes", "sklearn.svm._classes")),
+    "RandomForestClassifier": (
+        "sklearn.ensemble",
+        ("sklearn.ensemble.forest", "sklearn.ensemble._forest"),
+    ),
+    "GradientBoostingClassifier": (
+        "sklearn.ensemble",
+        ("sklearn.ensemble.gradient_boosting", "sklearn.ensemble._gb"),
+    ),
+    "KNeighborsClassifier": (
+        "sklearn.neighbors",
+        ("sklearn.neighbors.classification", "sklearn.neighbors._classification"),
+    ),
+    "MLPClassifier": (
+        "sklearn.neural_network",
+        (
+            "sklearn.neural_network.multilayer_perceptron",
+            "sklearn.neural_network._multilayer_perceptron",
+        ),
+    ),
+    "BaggingClassifier": (
+        "sklearn.ensemble",
+        ("sklearn.ensemble.bagging", "sklearn.ensemble._bagging"),
+    ),
+    # The trees of forests and bagging (classifiers) and of gradient boosting (regressors).
+    "DecisionTreeClassifier": ("sklearn.tree", ("sklearn.tree.tree", "sklearn.tree._classes")),
+    "DecisionTreeRegressor": ("sklearn.tree", ("sklearn.tree.tree", "sklearn.tree._classes")),
+    # Gradient boosting's init_ (0.21 on).
+    "DummyClassifier": ("sklearn.dummy", ("sklearn.dummy",)),
+    # The MLP's label binarizer and solver state.
+    "LabelBinarizer": (
+        "sklearn.preprocessing",
+        ("sklearn.preprocessing.label", "sklearn.preprocessing._label"),
+    ),
+    "AdamOptimizer": (
+        "sklearn.neural_network._stochastic_optimizers",
+        ("sklearn.neural_network._stochastic_optimizers",),
+    ),
+    "SGDOptimizer": (
+        "sklearn.neural_network._stochastic_optimizers",
+        ("sklearn.neural_network._stochastic_optimizers",),
+    ),
+}
+
+# Gradient boosting's loss objects since scikit-learn 1.3 (estimators pickled by today's
+# version, including upgraded legacy ones), as their __reduce__ names them.
+_SKLEARN_LOSSES: dict[str, tuple[str, ...]] = {
+    "sklearn._loss.loss": ("HalfBinomialLoss", "HalfMultinomialLoss", "ExponentialLoss"),
+    "sklearn._loss.link": ("Interval", "LogitLink", "HalfLogitLink", "MultinomialLogit"),
+    "sklearn._loss._loss": (
+        "CyHalfBinomialLoss",
+        "CyHalfMultinomialLoss",
+        "CyExponentialLoss",
+        "__pyx_unpickle_CyHalfMultinomialLoss",
+    ),
+}
+
+# Classes that no longer exist or whose pickled state changed: loaded as stand-ins, then
+# replaced by _upgrade. Gradient boosting's losses before 1.3 (0.21+ and older spellings):
+_LEGACY_LOSSES = ("BinomialDeviance", "MultinomialDeviance", "ExponentialLoss")
+_LEGACY_LOSS_MODULES = ("sklearn.ensemble._gb_losses", "sklearn.ensemble.gradient_boosting")
+# A KNeighbors model's KD/ball tree (and the distance metric inside it) is rebuilt from _fit_X:
+# the state layout changed between versions. The grid's p = 1, 2, 3..5 give these metrics.
+_NEIGHBOR_TREES = {
+    "KDTree": ("sklearn.neighbors.kd_tree", "sklearn.neighbors._kd_tree"),
+    "BallTree": ("sklearn.neighbors.ball_tree", "sklearn.neighbors._ball_tree"),
+}
+_METRIC_MODULES = (
+    "sklearn.neighbors.dist_metrics",  # up to 0.21
+    "sklearn.neighbors._dist_metrics",  # 0.22 to 0.24
+    "sklearn.metrics._dist_metrics",  # 1.0 on (names with a "64" suffix from 1.2)
+)
+_METRICS = ("EuclideanDistance", "ManhattanDistance", "MinkowskiDistance")
+
+
+def _allowed_globals() -> dict[tuple[str, str], _Target]:
+    allowed: dict[tuple[str, str], _Target] = {}
+    for name, (home, modules) in _SKLEARN_CLASSES.items():
+        allowed.update({(module, name): (home, name) for module in modules})
+    for module, names in _SKLEARN_LOSSES.items():
+        allowed.update({(module, name): (module, name) for name in names})
+    for module in _LEGACY_LOSS_MODULES:
+        allowed.update({(module, name): _stub(f"{module}.{name}") for name in _LEGACY_LOSSES})
+    for name, modules in _NEIGHBOR_TREES.items():
+        for module in modules:
+            allowed[module, name] = _stub(f"{module}.{name}")
+            allowed[module, "newObj"] = _new_stub
+    for module in _METRIC_MODULES:
+        allowed[module, "newObj"] = _new_stub
+        for name in _METRICS:
+            allowed[module, name] = _stub(f"{module}.{name}")
+    for name in _METRICS:
+        module = "sklearn.metrics._dist_metrics"
+        allowed[module, f"{name}64"] = _stub(f"{module}.{name}64")
+    # The node arrays of old trees lack fields added since: upgraded while loading.
+    allowed["sklearn.tree._tree", "Tree"] = _LegacyTree
+    # numpy arrays, dtypes and scalars (pickles of numpy 1 say numpy.core, of numpy 2
+    # numpy._core; _frombuffer is protocol 5's array form).
+    allowed["numpy", "ndarray"] = ("numpy", "ndarray")
+    allowed["numpy", "dtype"] = ("numpy", "dtype")
+    for core in ("numpy.core", "numpy._core"):
+        allowed[f"{core}.multiarray", "_reconstruct"] = (
+            f"{_NUMPY_CORE}.multiarray",
+            "_reconstruct",
+        )
+        allowed[f"{core}.multiarray", "scalar"] = (f"{_NUMPY_CORE}.multiarray", "scalar")
+        allowed[f"{core}.numeric", "_frombuffer"] = (f"{_NUMPY_CORE}.numeric", "_frombuffer")
+    # RandomState objects (random_state_, _rng): numpy < 1.17, 1.17 on, and numpy 2's
+    # bit generator and seed sequence.
+    allowed["numpy.random", "__RandomState_ctor"] = ("numpy.random", "__RandomState_ctor")
+    for name in ("__randomstate_ctor", "__bit_generator_ctor"):
+        allowed["numpy.random._pickle", name] = ("numpy.random._pickle", name)
+    allowed["numpy.random._mt19937", "MT19937"] = ("numpy.random._mt19937", "MT19937")
+    for name in ("SeedSequence", "__pyx_unpickle_SeedSequence"):
+        allowed["numpy.random.bit_generator", name] = ("numpy.random.bit_generator", name)
+    # Plain objects in protocols 0-2, which Python 3 writes under Python 2's module names.
+    for builtins in ("builtins", "__builtin__"):
+        allowed[builtins, "object"] = ("builtins", "object")
+        allowed[builtins, "bytes"] = ("builtins", "bytes")
+    for copyreg in ("copyreg", "copy_reg"):
+        allowed[copyreg, "_reconstructor"] = ("copyreg", "_reconstructor")
+    allowed["_codecs", "encode"] = ("_codecs", "encode")  # bytes in protocols 0-2
+    return allowed
+
+
+# Exact (module, name) pairs a legacy grid pickle may name; nothing is admitted by prefix. A
+# prefix let in anything under sklearn.*/numpy* (sklearn.utils._testing.check_output is
+# subprocess.check_output; numpy.testing and numpy.f2py run code; "numpyevil" matched
+# "numpy"), and importing a module named by the file can itself run code.
+ALLOWED_GLOBALS: Mapping[tuple[str, str], _Target] = MappingProxyType(_allowed_globals())
+
+
 class LegacyUnpickler(pickle.Unpickler):
-    """Unpickler that maps old scikit-learn paths and refuses non-allow-listed globals."""
+    """Unpickler that admits only :data:`ALLOWED_GLOBALS`, mapping old scikit-learn paths.
+
+    Every opcode that names a global (GLOBAL, STACK_GLOBAL, INST, EXT*) goes through
+    ``find_class``: the pair is looked up before any module is imported.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
-        if not (module.startswith(_ALLOWED_PREFIXES) or (module, name) in _ALLOWED_GLOBALS):
-            raise UnsafePickleError(f"refusing to load global {module}.{name} from a model pickle")
-        if module in {"sklearn.tree._tree", "sklearn.tree.tree"} and name == "Tree":
-            return _LegacyTree
-        if module in {
-            "sklearn.ensemble._gb_losses",
-            "sklearn.ensemble.gradient_boosting",
-        } and name.endswith(("Deviance", "Loss", "LossFunction")):
-            return _stub(f"{module}.{name}")
-        if module.startswith(("sklearn.neighbors.kd_tree", "sklearn.neighbors.ball_tree")) or (
-            module == "sklearn.neighbors.dist_metrics"
-        ):
-            # Old binary-tree and metric states differ; the tree is rebuilt from _fit_X.
-            return _stub(f"{module}.{name}") if name != "newObj" else _new_stub
-        for candidate in _candidates(module):
-            try:
-                return getattr(importlib.import_module(candidate), name)
-            except (ImportError, AttributeError):
-                continue
-        raise pickle.UnpicklingError(f"cannot find {module}.{name} in scikit-learn")
-
-
-def _new_stub(cls: type) -> Any:
-    return cls.__new__(cls) if issubclass(cls, _Stub) else cls()
-
-
-def _candidates(module: str) -> Iterator[str]:
-    yield module
-    if module in _MOVED:
-        yield _MOVED[module]
-    head, _, tail = module.rpartition(".")
-    if head.startswith("sklearn") and not tail.startswith("_"):
-        yield f"{head}._{tail}"
+        target = ALLOWED_GLOBALS.get((module, name))
+        if target is None:
+            raise UnsafePickleError(
+                f"refusing to load global {module}.{name} from a model pickle: it is not one "
+                "of the scikit-learn/numpy objects the upstream grid's estimators are made of"
+            )
+        if not isinstance(target, tuple):
+            return target
+        home, attribute = target
+        try:
+            return getattr(importlib.import_module(home), attribute)
+        except (ImportError, AttributeError):
+            raise pickle.UnpicklingError(
+                f"cannot find {module}.{name} (now {home}.{attribute}) in this installation"
+            ) from None
 
 
 # -- upgrading estimators -----------------------------------------------------------------

@@ -6,19 +6,27 @@ on the device. ECAPA's convolutions pad by reflection at each row's end, so zero
 batch would change the embeddings near it: rows run in groups of equal length, as the
 group-norm wav2vec2 models do, and a batch equals one file at a time.
 
-A hyperparams file is code (HyperPyYAML builds whatever objects it names), so before SpeechBrain
-reads it the tags it uses are checked against an allow list of SpeechBrain model, feature and
-loading classes; anything else (``!apply:os.system``…) is refused.
+A hyperparams file is code (HyperPyYAML builds whatever objects it names, and loads with an
+unsafe YAML loader), so before SpeechBrain reads it the file is parsed without constructing
+anything and every node's tag is checked: plain data, ``!ref <key>`` and ``!new:`` of the ECAPA
+model's own SpeechBrain classes (:data:`ALLOWED_NEW`) pass; anything else (``!apply:os.system``,
+``!!python/object/apply:``, a ``%TAG`` directive…) is refused, naming the tag and its line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import ruamel.yaml
 import torch
+import yaml
 
 from audio_models.data.datasets import default_cache_dir
 from audio_models.extractor import Extractor, OutputKind
@@ -26,45 +34,198 @@ from audio_models.speech.hub import hub_offline
 from audio_models.utils.errors import UserError, model_unavailable
 from audio_models.utils.provenance import sha256_file
 
-# What a speaker-embedding hyperparams file may build or call.
-_ALLOWED = re.compile(
-    r"^(speechbrain\.(lobes|processing|nnet|dataio\.encoder|utils\.parameter_transfer)\.|"
-    r"torch\.nn\.|torch\.manual_seed$)"
+# The classes the published speechbrain/spkrec-ecapa-voxceleb hyperparams.yaml builds with
+# ``!new:`` (features, normalisation, the ECAPA-TDNN and its classifier head, the label encoder
+# and the Pretrainer that loads the checkpoints). Exact names: nothing else may be built,
+# called (``!apply:``, ``!applyref:``, ``!name:``), imported (``!module:``) or read
+# (``!include:``).
+ALLOWED_NEW = frozenset(
+    {
+        "speechbrain.lobes.features.Fbank",
+        "speechbrain.processing.features.InputNormalization",
+        "speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN",
+        "speechbrain.lobes.models.ECAPA_TDNN.Classifier",
+        "speechbrain.dataio.encoder.CategoricalEncoder",
+        "speechbrain.utils.parameter_transfer.Pretrainer",
+    }
 )
+# Plain data: the tags YAML's own resolvers give untagged nodes (or ``!!str`` etc. spelled out).
+_DATA_TAGS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null", "seq", "map")
+)
+_NEW = "!new:"
+_REF = "!ref"
+# HyperPyYAML's tuple, "(1, 2)": data, its text being as plain as any other value's (see the
+# '!' rule in _check_tree). Once HyperPyYAML has loaded a file, ruamel.yaml resolves plain
+# "(...)" scalars to it on its own.
+_TUPLE = "!tuple"
+_REFERENCE = re.compile(r"<([^>]*)>")  # how HyperPyYAML finds references in a !ref value
+# key or key[sub][...]: a "." in a reference makes HyperPyYAML call getattr on the object.
+_KEY_PATH = re.compile(r"[^.\[\]]+(?:\[[^.\[\]]+\])*")
 
 
-def check_hyperparams(text: str, where: str) -> None:
-    """Refuse a hyperparams file that would build or call anything outside the allow list."""
-    refused = []
-    for line in text.splitlines():
-        code = line.split("#", 1)[0]
-        for kind, target in re.findall(r"!(new|name|apply|module):([\w.]+)", code):
-            if not _ALLOWED.match(target):
-                refused.append(f"!{kind}:{target}")
-        if re.search(r"!include:", code):
-            refused.append("!include")
-    if refused:
-        raise UserError(
-            f"{where}: refusing a hyperparams file that builds or calls {sorted(set(refused))}; "
-            "only SpeechBrain model, feature and loading classes are allowed"
-        )
+class _Composer(yaml.SafeLoader):
+    """PyYAML's safe loader, used only to parse and compose nodes: nothing is constructed."""
 
 
-def _hyperparams(model: str, revision: str | None) -> tuple[Path, bool]:
-    """Path of the model's hyperparams.yaml (fetched from the hub cache for an id) and whether
-    the model is a local directory."""
+def _tag(node: Any) -> str:
+    tag = node.tag  # a str in PyYAML and ruamel.yaml 0.18; allow for a Tag object too
+    return tag if isinstance(tag, str) else str(getattr(tag, "value", tag))
+
+
+def _parse(text: str, where: str) -> list[tuple[str, Any]]:
+    """The document's node tree as PyYAML and as ruamel.yaml (HyperPyYAML's parser) see it.
+
+    Both are checked, so that a file the two parsers read differently cannot pass the check
+    through one and be loaded through the other. Directives are refused: ``%TAG`` rebinds a
+    tag handle (``%TAG !e! !apply:`` makes ``!e!os.system`` an ``!apply:``).
+    """
+    trees = []
+    yaml_rt = ruamel.yaml.YAML(typ="rt")
+    parsers: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+        (
+            "PyYAML",
+            lambda: yaml.parse(text, Loader=_Composer),
+            lambda: list(yaml.compose_all(text, Loader=_Composer)),
+        ),
+        ("ruamel.yaml", lambda: yaml_rt.parse(text), lambda: list(yaml_rt.compose_all(text))),
+    ]
+    for parser, events, compose in parsers:
+        try:
+            for event in events():
+                tags, version = getattr(event, "tags", None), getattr(event, "version", None)
+                if tags or version:
+                    found = [f"%TAG {h} {p}" for h, p in (tags or {}).items()]
+                    found += [f"%YAML {'.'.join(map(str, version))}"] if version else []
+                    raise UserError(
+                        f"{where}: line {event.start_mark.line + 1}: refusing a hyperparams "
+                        f"file with the YAML directive(s) {found}: directives change how the "
+                        "file's tags read"
+                    )
+            documents = compose()
+        except UserError:
+            raise
+        except Exception as exc:
+            # Refused rather than left to HyperPyYAML: text one parser rejects may be read
+            # differently, unchecked, by the other.
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            at = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(
+                f"{where}: {at}refusing a hyperparams file {parser} cannot read ({problem})"
+            ) from None
+        if len(documents) != 1 or documents[0] is None or documents[0].id != "mapping":
+            raise UserError(f"{where}: a hyperparams file is one YAML mapping (key: value)")
+        trees.append((parser, documents[0]))
+    return trees
+
+
+def _refusal(where: str, node: Any, what: str) -> UserError:
+    return UserError(
+        f"{where}: line {node.start_mark.line + 1}: refusing a hyperparams file that uses "
+        f"{what}; only plain data, !ref <key> and !new: of {sorted(ALLOWED_NEW)} are allowed"
+    )
+
+
+def _lookup(root: Any, path: str) -> Any | None:
+    """The node a HyperPyYAML reference ``key[sub]`` names, or None."""
+    node = root
+    for part in path.replace("]", "").split("["):
+        if node.id != "mapping":
+            return None
+        matches = [value for key, value in node.value if key.id == "scalar" and key.value == part]
+        if not matches:
+            return None
+        node = matches[-1]
+    return node
+
+
+def _check_reference(node: Any, root: Any, where: str) -> None:
+    if node.id != "scalar":
+        raise _refusal(where, node, "!ref on a mapping or list")
+    paths = _REFERENCE.findall(node.value)
+    for path in paths:
+        if not _KEY_PATH.fullmatch(path):
+            # "<model.attr>" becomes !apply:getattr on the built object.
+            raise _refusal(where, node, f"the reference <{path}> (only <key> or <key[sub]>)")
+    if _REFERENCE.fullmatch(node.value):
+        return  # the referenced node itself, checked where it is defined
+    # Interpolation: str() of each target goes into a string, which HyperPyYAML reparses
+    # (as a tuple) if it looks like "(...)". Plain scalars only, so nothing but checked text
+    # can end up there.
+    for path in paths:
+        target = _lookup(root, path)
+        if target is None or target.id != "scalar" or _tag(target) not in _DATA_TAGS:
+            raise _refusal(where, node, f"<{path}> inside a string (only plain values there)")
+
+
+def _check_tree(root: Any, where: str) -> None:
+    """Walk every node (keys included; aliases reach their anchored node) and check its tag."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, is_key = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        tag = _tag(node)
+        if node.id == "scalar" and "!" in node.value:
+            # HyperPyYAML re-reads any string that looks like "(...)" as a tuple with PyYAML's
+            # unsafe loader, where a "!" inside starts a tag (!!python/object/apply:...);
+            # strings are also spliced into each other by !ref. No "!" in any value or key.
+            raise _refusal(where, node, f"a '!' inside the value {node.value[:60]!r}")
+        if tag in _DATA_TAGS or (tag == _TUPLE and node.id == "scalar"):
+            pass
+        elif is_key:
+            raise _refusal(where, node, f"the tag {tag!r} on a key")
+        elif tag == _REF:
+            _check_reference(node, root, where)
+        elif tag.startswith(_NEW) and tag[len(_NEW) :] in ALLOWED_NEW:
+            if node.id == "scalar" and node.value != "":
+                raise _refusal(where, node, f"{tag} with a scalar argument")
+        elif tag.startswith("tag:yaml.org,2002:python/"):
+            raise _refusal(where, node, f"the Python object tag {tag!r}")
+        else:
+            raise _refusal(where, node, f"the tag {tag!r}")
+        children: list[tuple[Any, bool]] = []
+        if node.id == "mapping":
+            for key, value in node.value:
+                if key.id != "scalar":
+                    raise _refusal(where, key, "a mapping or list as a key")
+                children += [(key, True), (value, False)]
+        elif node.id == "sequence":
+            children = [(item, False) for item in node.value]
+        stack += reversed(children)  # popped in document order: the first problem is named
+
+
+def check_hyperparams(text: str, where: str) -> frozenset[str]:
+    """Refuse a hyperparams file that would build, call, import or read anything beyond the
+    ECAPA model's own classes; returns its top-level keys.
+
+    The check runs on the parsed node tree (never on lines: a "#" inside a string or a flow
+    mapping hides the rest of a line from a line-based check), with every tag in its full
+    form, before HyperPyYAML sees the file.
+
+    Raises:
+        UserError: naming the tag (or directive, reference, value) and its line.
+    """
+    keys: frozenset[str] = frozenset()
+    for _, root in _parse(text, where):
+        _check_tree(root, where)
+        keys = frozenset(str(key.value) for key, _ in root.value)
+    return keys
+
+
+def _model_source(model: str) -> tuple[str, bool]:
+    """What to hand SpeechBrain as ``source`` and whether it is a local directory."""
     local = Path(model).expanduser()
-    if local.is_dir():
-        path = local / "hyperparams.yaml"
-        if not path.is_file():
-            raise UserError(f"{local} has no hyperparams.yaml (a SpeechBrain model directory)")
-        return path, True
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(model, "hyperparams.yaml", revision=revision)), False
-    except Exception as exc:
-        raise model_unavailable(model, revision, exc) from None
+    if not local.is_dir():
+        return model, False
+    if not (local / "hyperparams.yaml").is_file():
+        raise UserError(f"{local} has no hyperparams.yaml (a SpeechBrain model directory)")
+    # Absolute: it also becomes pretrained_path, a string HyperPyYAML re-reads, and an
+    # absolute path can never look like its "(...)" tuple syntax.
+    return os.path.abspath(local), True
 
 
 class EcapaExtractor(Extractor):
@@ -100,35 +261,64 @@ class EcapaExtractor(Extractor):
         # size): longer recordings are embedded in near-equal chunks, averaged by length.
         self.max_chunk = None if max_chunk_s is None else int(max_chunk_s * sample_rate)
         from speechbrain.inference.speaker import EncoderClassifier
-        from speechbrain.utils.fetching import FetchConfig
+        from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
-        hyperparams, is_local = _hyperparams(model, revision)
-        text = hyperparams.read_text(encoding="utf-8")
-        check_hyperparams(text, str(hyperparams))
-        source = str(Path(model).expanduser()) if is_local else model
-        # The published files name their own hub id as ``pretrained_path``: a local copy must
-        # point it at itself, or SpeechBrain would go to the network for the weights.
-        overrides = (
-            {"pretrained_path": source} if re.search(r"^pretrained_path:", text, re.M) else {}
-        )
+        source, is_local = _model_source(model)
         savedir = (
             default_cache_dir() / "speechbrain" / re.sub(r"[^\w.-]+", "_", f"{source}@{revision}")
         )
+        fetch_config = FetchConfig(revision=revision, allow_network=not hub_offline())
+        # Check the very file from_hparams will load: it fetches hyperparams.yaml exactly like
+        # this and, finding <savedir>/hyperparams.yaml already there, loads that (a hub file
+        # fetched separately could be another revision, a cached one could predate the check).
+        try:
+            hyperparams = Path(
+                fetch(
+                    filename="hyperparams.yaml",
+                    source=source,
+                    savedir=savedir,
+                    local_strategy=LocalStrategy.SYMLINK,
+                    fetch_config=fetch_config,
+                )
+            )
+            raw = hyperparams.read_bytes()
+        except Exception as exc:
+            if is_local:
+                raise UserError(f"cannot read {source}/hyperparams.yaml: {exc}") from None
+            raise model_unavailable(model, revision, exc) from None
+        # Name the file itself (the savedir entry is a link to it), and the hub id for a hub file.
+        where = str(hyperparams.resolve()) if is_local else f"{model} ({hyperparams.resolve()})"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{where}: not UTF-8 text ({exc})") from None
+        keys = check_hyperparams(text, where)
+        # The published files name their own hub id as ``pretrained_path``: a local copy must
+        # point it at itself, or SpeechBrain would go to the network for the weights.
+        overrides = {"pretrained_path": source} if "pretrained_path" in keys else {}
         try:
             classifier = EncoderClassifier.from_hparams(
                 source=source,
                 savedir=str(savedir),
                 overrides=overrides,
                 run_opts={"device": "cpu"},
-                fetch_config=FetchConfig(revision=revision, allow_network=not hub_offline()),
+                local_strategy=LocalStrategy.SYMLINK,
+                fetch_config=fetch_config,
             )
         except UserError:
             raise
         except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            if is_local:
+                # Its hyperparams.yaml is here and passed the check: a missing or broken
+                # checkpoint, not something to download.
+                raise UserError(
+                    f"cannot load SpeechBrain model from {source}: {type(exc).__name__}: {first}"
+                ) from None
             raise UserError(
-                f"cannot load SpeechBrain model {model!r}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}. Without network access, "
-                f"download it first (huggingface-cli download {model}) or pass a local directory"
+                f"cannot load SpeechBrain model {model!r}: {type(exc).__name__}: {first}. "
+                f"Without network access, download it first (huggingface-cli download {model})"
+                " or pass a local directory"
             ) from None
         self.classifier = classifier
         self.mods = classifier.mods.eval()
@@ -139,7 +329,7 @@ class EcapaExtractor(Extractor):
         self._provenance = {
             "ecapa.model": model,
             "ecapa.revision": "local" if is_local else str(revision),
-            "ecapa.hyperparams_sha256": sha256_file(hyperparams),
+            "ecapa.hyperparams_sha256": hashlib.sha256(raw).hexdigest(),  # the checked bytes
             "ecapa.weights_sha256": sha256_file(weights.resolve())
             if weights.exists()
             else "unknown",

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from audio_models.sweep import JOBS_FILE, ROLE_TAG
+from audio_models.sweep import JOBS_FILE, ROLE_TAG, SWEEP_FILE, SweepCallback
+from audio_models.tracking import MlflowTracker
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAST = ["device=cpu", "progress_bar=false", "loader.num_workers=0", "dataset.n_clips=20"]
@@ -169,9 +171,104 @@ def test_unreachable_tracking_server_fails_before_any_work(tmp_path: Path) -> No
     assert not (tmp_path / "cache").exists()  # no dataset was generated
 
 
-def test_a_single_run_is_not_part_of_a_sweep(tmp_path: Path) -> None:
-    done = run("runners.extract", *FAST, "hydra.run.dir=single", cwd=tmp_path)
+def _leaks(secret: str, root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_a_single_run_is_not_part_of_a_sweep_and_keeps_no_secret(tmp_path: Path) -> None:
+    # Hydra's own .hydra/{config,overrides,hydra}.yaml kept raw values in the output dir.
+    secrets = ("hf_SINGLESECRET1", "URIPASS2")
+    done = run(
+        "runners.extract",
+        *FAST,
+        f"+hf_token={secrets[0]}",
+        f"+extra.mirror=https://user:{secrets[1]}@example.org/x",
+        "hydra.run.dir=single",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("audio-models").experiment_id])
     assert len(runs) == 1 and "sweep_id" not in runs[0].data.tags
+    assert runs[0].data.params["hf_token"] == "***"
+    out = tmp_path / "single"
+    assert not (out / ".hydra").exists()
+    assert "+hf_token=***" in (out / "overrides.yaml").read_text()  # the runner's own record
+    for secret in secrets:
+        assert secret not in done.stdout + done.stderr
+        assert _leaks(secret, tmp_path) == []
+
+
+def test_a_sweep_keeps_no_secret_and_keeps_its_parent_run(tmp_path: Path) -> None:
+    # MLflow rejected the param name "sweep.+hf_token": the parent stayed RUNNING, sweep.json
+    # was never written and the job ran unlinked; the raw value sat in multirun.yaml,
+    # .hydra/, sweep_jobs.jsonl and the launch line on the console.
+    secrets = ("hf_SWEEPSECRET1", "URIPASS2")
+    done = run(
+        "runners.extract",
+        "-m",
+        "extractor=egemaps",
+        f"+hf_token={secrets[0]}",
+        f"+extra.mirror=https://user:{secrets[1]}@example.org/x",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "+hf_token=***" in done.stdout  # the launch line, masked
+    parent, children = runs_of(tmp_path / "mlflow.db")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.hf_token"] == "***"
+    assert parent.data.params["sweep.extra.mirror"] == "https://user:***@example.org/x"
+    assert not [k for k in parent.data.params if "+" in k]
+    assert [c.info.status for c in children] == ["FINISHED"]
+    assert children[0].data.params["hf_token"] == "***"
+    sweep = tmp_path / "sweep"
+    assert json.loads((sweep / SWEEP_FILE).read_text())["parent_run_id"] == parent.info.run_id
+    assert "+hf_token=***" in (sweep / "multirun.yaml").read_text()
+    assert not list(tmp_path.rglob(".hydra"))
+    logged = [str(r.data.params) + str(r.data.tags) for r in (parent, *children)]
+    for secret in secrets:
+        assert secret not in done.stdout + done.stderr
+        assert not [text for text in logged if secret in text]
+        assert _leaks(secret, tmp_path) == []
+
+
+def test_a_failing_sweep_callback_fails_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hydra turns a callback's exception into a warning; the sweep then ran on, exit code 0.
+    store = tmp_path / "mlflow.db"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="extract",
+            overrides=[
+                f"tracking.uri=sqlite:///{store}",
+                f"tracking.artifact_location={tmp_path / 'art'}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                "extractor=egemaps",
+            ],
+            return_hydra_config=True,
+        )
+    start = MlflowTracker.start
+
+    def start_then_fail(self: MlflowTracker, **kwargs: object) -> None:
+        start(self, **kwargs)  # type: ignore[arg-type]
+        raise RuntimeError("the store went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowTracker, "start", start_then_fail)
+        with pytest.raises(SystemExit) as exited:
+            SweepCallback().on_multirun_start(config=cfg)
+    assert exited.value.code == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("audio-models").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # not left RUNNING
+
+    SweepCallback().on_multirun_start(config=cfg)
+    parent = json.loads((tmp_path / "sweep" / SWEEP_FILE).read_text())["parent_run_id"]
+    monkeypatch.setattr(MlflowTracker, "log_metrics", lambda self, metrics: 1 / 0)
+    with pytest.raises(SystemExit) as exited:
+        SweepCallback().on_multirun_end(config=cfg)
+    assert exited.value.code == 1
+    assert client.get_run(parent).info.status == "FAILED"

@@ -261,6 +261,9 @@ class LoaderConfig:
     num_workers: int | None = None  # None: the CPU count
     channel_policy: str = "mean"
     batch_audio_s: float | None = None  # device extractors: padded seconds per batch, by length
+    # Seconds one item may take to read, decode and transform in a loader worker before it
+    # becomes a failure row (stage timeout); None: no limit. Native code returns first.
+    item_timeout_s: float | None = 900.0
 
 
 @dataclass

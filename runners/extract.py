@@ -14,8 +14,12 @@ import json
 import logging
 import os
 import resource
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +136,40 @@ class _Parts:
     preflight: Preflight
     used: dict[str, Any]  # upstream key → RepoState of the checkouts the extractor reads
     upstreams: list[Any]
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM after committing what it had finished."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _interruptible() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT raise ``KeyboardInterrupt`` in the main thread during the predict
+    loop, so Lightning's interrupt path runs the writer's flush even while the loader waits
+    on a stuck item; the list receives the signal. The handlers (Lightning leaves SIGINT
+    ignored after an interrupt) are put back afterwards."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _build_parts(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _Parts:
@@ -280,6 +318,7 @@ def _plan_run_report(
         config_hash=config_hash,
         done_keys=frozenset(store.done_keys),
         preflight=parts.preflight,
+        item_timeout_s=cfg.loader.item_timeout_s,
         batch_audio_s=(
             cfg.loader.batch_audio_s
             if cfg.loader.batch_audio_s is not None
@@ -320,9 +359,15 @@ def _plan_run_report(
     gc.freeze()
     module = ExtractionModule(extractor)
     try:
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        with _interruptible() as received:
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except BaseException as exc:
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        # Lightning turns Ctrl-C into SystemExit(1) after its on_exception hooks (the
+        # writer's flush): the signal we saw, not the exception type, says it was a kill.
+        if received:
+            tracker.end("KILLED")
+            raise Interrupted(received[0]) from None
+        tracker.end("FAILED")
         dead = datamodule.items_of_dead_workers(str(exc)) if isinstance(exc, RuntimeError) else []
         if dead:
             writer.record_crashes(
@@ -398,6 +443,13 @@ def main(cfg: DictConfig) -> None:
     job = current_job()
     try:
         result = extract(cfg)
+    except Interrupted as stopped:
+        print(
+            f"interrupted ({stopped}): finished items are committed; rerun the same command "
+            "with the same output_dir to resume",
+            file=sys.stderr,
+        )
+        sys.exit(128 + stopped.signum)
     except Exception as exc:
         if job is None:
             if isinstance(exc, UserError):

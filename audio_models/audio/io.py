@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +39,29 @@ class Decoded:
         return self.end - self.start
 
 
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def check_regular_file(path: str) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed), refusing anything but a regular file: a link
+    to ``/dev/zero`` would be read forever and a FIFO blocks in ``open``.
+
+    Raises:
+        ExtractionError: stage ``"decode"``; ``OSError`` for a missing file or a link loop.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise ExtractionError("decode", f"not a regular file: {path} is {kind}")
+    return info
+
+
 def decode(
     path: str,
     *,
@@ -65,6 +90,10 @@ def decode(
         raise ValueError(
             f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}"
         )
+    try:
+        check_regular_file(path)
+    except OSError as exc:
+        raise ExtractionError("decode", f"cannot read file: {exc}") from exc
     try:
         handle = sf.SoundFile(path)
     except Exception as exc:  # libsndfile reports corrupt and non-audio files alike

@@ -151,8 +151,9 @@ class FolderDataset(AudioDataset):
             raise UserError(f"dataset root {str(self.root)!r} does not exist or is not a folder")
         found: set[Path] = set()
         for pattern in self.pattern:
-            # Links count even when broken: they become failure rows, not silent omissions.
-            found.update(p for p in self.root.glob(pattern) if p.is_symlink() or p.is_file())
+            # Links (even broken ones), FIFOs and devices count: they become failure rows,
+            # not silent omissions. Only folders that happen to match are left out.
+            found.update(p for p in self.root.glob(pattern) if p.is_symlink() or not p.is_dir())
         items = []
         for path in sorted(found):
             rel = path.relative_to(self.root).as_posix()

@@ -6,8 +6,11 @@ import hashlib
 import multiprocessing as mp
 import os
 import re
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +20,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from audio_models.audio.io import ChannelPolicy, decode
+from audio_models.audio.io import ChannelPolicy, check_regular_file, decode
 from audio_models.data.items import Item
 from audio_models.extractor import Extractor, Output, Transcript
 from audio_models.utils.errors import ExtractionError
@@ -113,6 +116,31 @@ def item_key(item: Item, content_sha256: str, config_hash: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+class ItemTimeout(ExtractionError):
+    """An item ran past ``loader.item_timeout_s``."""
+
+
+@contextmanager
+def _deadline(seconds: float | None, item_id: str) -> Iterator[None]:
+    """Raise :class:`ItemTimeout` in this thread after ``seconds`` (SIGALRM; a loader worker
+    runs items in its main thread, so does an in-process loader). Pure-Python work is
+    interrupted at once; a native call returns first."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise ItemTimeout("timeout", f"{item_id}: took longer than loader.item_timeout_s={seconds}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class ItemDataset(Dataset[Record]):
     """Maps an index to a decoded (and, for CPU extractors, transformed) :class:`Record`.
 
@@ -129,8 +157,12 @@ class ItemDataset(Dataset[Record]):
         config_hash: str = "",
         done_keys: set[str] | frozenset[str] = frozenset(),
         preflight: Preflight | None = None,
+        item_timeout_s: float | None = None,
     ) -> None:
         self.items = items
+        #: Seconds one item may take to decode and transform before it becomes a failure row
+        #: (``None``: no limit).
+        self.item_timeout_s = item_timeout_s
         self.extractor = extractor
         self.channel_policy = channel_policy
         self.config_hash = config_hash
@@ -146,7 +178,7 @@ class ItemDataset(Dataset[Record]):
         return len(self.items)
 
     def _content_hash(self, path: str) -> str:
-        stat = os.stat(path)
+        stat = check_regular_file(path)  # never hash /dev/zero or wait on a FIFO
         cache_key = (path, stat.st_size, stat.st_mtime_ns)
         if cache_key not in self._hashes:  # segments of one file hash it once per worker
             if len(self._hashes) > 1024:
@@ -169,15 +201,28 @@ class ItemDataset(Dataset[Record]):
         worker = get_worker_info()
         if worker is not None and self.worker_items is not None:
             self.worker_items[worker.id] = index
-        unreadable: OSError | None = None
+        try:
+            with _deadline(self.item_timeout_s, item.id):
+                return self._load(record)
+        except ItemTimeout as exc:
+            if record.key is None:  # stuck while reading the file for its hash
+                record.key = item_key(item, "unreadable", self.config_hash)
+            return fail(record, exc.stage, exc)
+
+    def _load(self, record: Record) -> Record:
+        """Hash, decode, measure and transform one item."""
+        item = record.item
+        unreadable: Exception | None = None
         try:
             content = self._content_hash(item.path)
-        except OSError as exc:  # missing, a symlink loop, no permission: a failure row below
+        except (OSError, ExtractionError) as exc:  # missing, a link loop, not a regular file
             content, unreadable = "unreadable", exc
         record.key = item_key(item, content, self.config_hash)
         if record.key in self.done_keys:
             record.skipped = True
             return record
+        if isinstance(unreadable, ExtractionError):
+            return fail(record, "decode", unreadable)
         if unreadable is not None:
             return fail(
                 record, "decode", ExtractionError("decode", f"cannot read file: {unreadable}")
@@ -234,6 +279,8 @@ class ItemDataset(Dataset[Record]):
                 record.extra = features.extra
                 features = features.values
             record.features = np.asarray(features)
+        except ItemTimeout:
+            raise
         except Exception as exc:
             return fail(record, "transform", exc)
         return record
@@ -371,6 +418,7 @@ def item_durations(items: list[Item]) -> list[float]:
     durations = []
     for item in items:
         try:
+            check_regular_file(item.path)  # sf.info would block on a FIFO
             total = sf.info(item.path).duration
         except Exception:
             durations.append(0.0)
@@ -406,6 +454,7 @@ class ExtractionDataModule(L.LightningDataModule):
         done_keys: set[str] | frozenset[str] = frozenset(),
         preflight: Preflight | None = None,
         batch_audio_s: float | None = None,
+        item_timeout_s: float | None = None,
     ) -> None:
         super().__init__()
         self.batch_audio_s = batch_audio_s
@@ -418,6 +467,7 @@ class ExtractionDataModule(L.LightningDataModule):
             config_hash=config_hash,
             done_keys=done_keys,
             preflight=preflight,
+            item_timeout_s=item_timeout_s,
         )
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers

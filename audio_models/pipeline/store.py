@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -138,6 +139,11 @@ def _seq_files(folder: Path, kind: str) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+# Output directories this process holds (POSIX locks never refuse their own process).
+_HELD: set[str] = set()
+_HELD_GUARD = threading.Lock()
+
+
 def _read_state(path: Path) -> dict[str, Any] | None:
     """``.progress/state.json``, or ``None`` when it is missing or unreadable (the committed
     parts carry the settings hash themselves, so nothing depends on this file alone)."""
@@ -188,6 +194,7 @@ class OutputStore:
         self._next = 0
         self._stride = 1  # ranks of a distributed run interleave their sequence numbers
         self._lock_handle: IO[str] | None = None
+        self._lock_key = ""
 
     @property
     def final_files(self) -> list[Path]:
@@ -243,7 +250,13 @@ class OutputStore:
 
     def _lock(self) -> None:
         """Hold ``output_dir/.lock`` for the rest of the run (until :meth:`release` or the
-        process ends: the kernel drops the lock of a killed run, so a stale one never blocks).
+        process ends).
+
+        A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so
+        a forked loader worker that outlives a killed run (stuck in a native decode, say)
+        does not keep the directory locked, and the kernel drops it when the run dies. Such
+        locks do not exclude the holder itself, so a second store of this process is refused
+        through :data:`_HELD`.
 
         Raises:
             UserError: another run holds the directory (names its PID and host), or the
@@ -251,33 +264,50 @@ class OutputStore:
         """
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.output_dir / LOCK, "a+")  # noqa: SIM115  (held for the run)
+            key = str(self.output_dir.resolve())
         except OSError as exc:
             raise UserError(
                 f"output_dir {str(self.output_dir)!r} cannot be written ({exc.strerror or exc}); "
                 "fix its permissions or choose another output_dir"
             ) from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        with _HELD_GUARD:
+            if key in _HELD:
+                raise UserError(
+                    f"output_dir {str(self.output_dir)!r} is in use by PID {os.getpid()} on "
+                    f"{socket.gethostname()} (this process); wait for that run to end or "
+                    "choose another output_dir"
+                )
+            try:
+                handle = open(self.output_dir / LOCK, "a+")  # noqa: SIM115  (held for the run)
+            except OSError as exc:
+                raise UserError(
+                    f"output_dir {str(self.output_dir)!r} cannot be written "
+                    f"({exc.strerror or exc}); fix its permissions or choose another output_dir"
+                ) from None
+            try:
+                fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise UserError(
+                    f"output_dir {str(self.output_dir)!r} is in use by {holder}; wait for that "
+                    "run to end or choose another output_dir"
+                ) from None
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(
-                f"output_dir {str(self.output_dir)!r} is in use by {holder}; wait for that run "
-                "to end or choose another output_dir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._lock_handle = handle
+            handle.truncate()
+            handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            _HELD.add(key)
+            self._lock_handle, self._lock_key = handle, key
 
     def release(self) -> None:
         """Let another run use the directory (idempotent)."""
         handle, self._lock_handle = self._lock_handle, None
         if handle is not None:
-            handle.close()  # closing the descriptor drops the flock
+            with _HELD_GUARD:
+                handle.close()  # closing the descriptor drops the lock
+                _HELD.discard(self._lock_key)
 
     def join(self) -> None:
         """Open a store that rank 0 has already opened (no cleaning): only what is committed

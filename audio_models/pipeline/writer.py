@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
 from collections import Counter
@@ -109,6 +110,11 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self._pending_bytes = 0
         self.feature_groups = feature_groups
         self._pending: list[Record] = []
+        # The timer thread commits what is pending when no batch comes (a slow or stuck
+        # item): the two never commit at once.
+        self._commit_lock = threading.RLock()
+        self._timer: threading.Thread | None = None
+        self._timer_stop = threading.Event()
         self.kind = kind
         self.feature_names = feature_names
         self.frame_shift_s = frame_shift_s
@@ -166,6 +172,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self.store.interleave(trainer.global_rank, trainer.world_size)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stop_timer()
         self.flush()
         if trainer.world_size > 1:
             wall = time.perf_counter() - self._started
@@ -208,25 +215,57 @@ class ParquetFeatureWriter(BasePredictionWriter):
     def consume(self, records: list[Record]) -> None:
         """Take a batch's records; commit once ``commit_rows`` of them are pending and
         ``commit_every_s`` has passed (or they hold ``_PENDING_BYTES`` of features)."""
-        self._pending.extend(records)
-        self._pending_bytes += sum(r.features.nbytes for r in records if r.features is not None)
-        if len(self._pending) < self.commit_rows:
-            return
-        due = time.monotonic() - self._last_commit >= self.commit_every_s
-        if due or self._pending_bytes >= _PENDING_BYTES:
-            self.flush()
+        with self._commit_lock:
+            self._pending.extend(records)
+            self._pending_bytes += sum(r.features.nbytes for r in records if r.features is not None)
+            if self._timer is None:
+                self._start_timer()
+            if len(self._pending) < self.commit_rows:
+                return
+            due = time.monotonic() - self._last_commit >= self.commit_every_s
+            if due or self._pending_bytes >= _PENDING_BYTES:
+                self.flush()
+
+    def _start_timer(self) -> None:
+        # Started with the first batch, when the loader workers have been forked already (a
+        # fork while this thread holds a lock would hand the child a lock nobody releases).
+        interval = max(self.commit_every_s, 0.5)
+
+        def tick() -> None:
+            while not self._timer_stop.wait(interval / 2):
+                with self._commit_lock:
+                    if self._pending and time.monotonic() - self._last_commit >= interval:
+                        try:
+                            self.flush()
+                        except Exception:  # the next batch or the end of the run reports it
+                            log.exception("timed commit failed")
+                            return
+
+        self._timer = threading.Thread(target=tick, name="audio_models-commit", daemon=True)
+        self._timer.start()
+
+    def stop_timer(self) -> None:
+        """Stop the timed commits (the run is ending: what is pending is flushed next)."""
+        self._timer_stop.set()
+        if self._timer is not None:
+            self._timer.join()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         # A run that fails (a worker died, Ctrl-C) keeps the items it finished: the rerun
         # skips them. The error may be this writer's own (disk full): it stands, not this.
+        self.stop_timer()
         with contextlib.suppress(Exception):
             self.flush()
 
     def flush(self) -> None:
         """Commit the pending records now: successes to a part (and shard), failures to a fail
         file."""
+        with self._commit_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         records, self._pending = self._pending, []
         self._pending_bytes = 0
         self._last_commit = time.monotonic()

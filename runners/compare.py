@@ -32,7 +32,7 @@ from audio_models.pipeline.store import (
     META_SCHEMA,
 )
 from audio_models.sweep import ROLE_TAG
-from audio_models.tracking import MlflowTracker
+from audio_models.tracking import MlflowTracker, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
 
@@ -264,7 +264,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = compare(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(2)
     print(_markdown(result.table), end="")
     where = f"parent run {result.parent_run_id}" if result.parent_run_id else "the runs"

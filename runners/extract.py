@@ -453,7 +453,7 @@ def main(cfg: DictConfig) -> None:
     except Exception as exc:
         if job is None:
             if isinstance(exc, UserError):
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: {redact(str(exc))}", file=sys.stderr)
                 sys.exit(2)
             raise
         # In a sweep a failed job must not stop the others: record it and return; the

@@ -28,7 +28,7 @@ from audio_models.audio.librosa_features import LibrosaExtractor
 from audio_models.config import ExtractConfig, build
 from audio_models.evaluation import splitter
 from audio_models.speech.ser import load_classifier, sha256_bytes
-from audio_models.tracking import NullTracker, flatten
+from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
 from runners.extract import extract
@@ -206,7 +206,7 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         sys.exit(2)
 
 

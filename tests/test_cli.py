@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+
+from audio_models.data.datasets import ManifestDataset
+from audio_models.data.items import segment_id
+from audio_models.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,3 +69,26 @@ def test_failure_ratio_sets_the_exit_code(tmp_path: Path) -> None:
     assert strict.returncode == 3
     assert "1 of 2 items failed" in strict.stderr
     assert (tmp_path / "out" / "features.parquet").exists()  # the good item is still written
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc", r"row 3, column 'start': 'abc' is not a number of seconds"),
+        ("-1", r"row 3, column 'start': -1(\.0)? is not a non-negative number"),
+        ("inf", r"row 3, column 'start': inf is not a non-negative number"),
+    ],
+)
+def test_manifest_bad_numbers_name_the_row(tmp_path: Path, value: str, message: str) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,start\na.wav,0\nb.wav,{value}\n")
+    with pytest.raises(UserError, match=message):
+        _ = ManifestDataset(path=str(manifest)).items
+
+
+def test_segment_ids_are_exact_past_six_digits(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,start,end\nlong.wav,10000.1,10000.2\nlong.wav,10000.15,10000.2\n")
+    ids = [item.id for item in ManifestDataset(path=str(manifest)).items]
+    assert ids == ["long.wav@10000.1-10000.2", "long.wav@10000.15-10000.2"]
+    assert segment_id("a.wav", 1.5, None) == "a.wav@1.5-"  # :g ids of earlier runs unchanged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -236,14 +237,17 @@ class ManifestDataset(AudioDataset):
             label_cols = [c for c in frame.columns if c not in structural]
         base = self.path.parent
         items = []
-        for row in frame.to_dict(orient="records"):
+        # Row numbers as a user sees them in the file: 1-based, after a CSV/TSV header line.
+        first_row = 1 if self.path.suffix.lower() in {".jsonl", ".ndjson"} else 2
+        for number, row in enumerate(frame.to_dict(orient="records"), start=first_row):
             raw = row[self.path_column]
             if not isinstance(raw, str) or not raw:
-                raise UserError(f"manifest row with an empty path: {row}")
+                raise UserError(f"manifest {str(self.path)!r} row {number}: empty path")
             audio = Path(raw).expanduser()
             audio = audio if audio.is_absolute() else base / audio
-            start = _seconds(row.get(self.start_column))
-            end = _seconds(row.get(self.end_column))
+            where = f"manifest {str(self.path)!r} row {number}"
+            start = _seconds(row.get(self.start_column), f"{where}, column {self.start_column!r}")
+            end = _seconds(row.get(self.end_column), f"{where}, column {self.end_column!r}")
             if self.id_column is not None:
                 item_id = str(row[self.id_column])
             elif start is None and end is None:
@@ -264,10 +268,21 @@ class ManifestDataset(AudioDataset):
         return items
 
 
-def _seconds(value: Any) -> float | None:
+def _seconds(value: Any, where: str) -> float | None:
+    """A segment bound in seconds (empty: ``None``).
+
+    Raises:
+        UserError: not a finite, non-negative number (names the row and column).
+    """
     if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
         return None
-    return float(value)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UserError(f"{where}: {value!r} is not a non-negative number of seconds")
+    return seconds
 
 
 def _plain(value: Any) -> Any:

@@ -78,3 +78,21 @@ def test_resampling_keeps_frequency_and_level(orig_sr: int) -> None:
     assert abs(peak_hz - 1000.0) < 2.0
     rms = np.sqrt(np.mean(out[2000:-2000] ** 2))
     assert abs(rms - 0.5 / np.sqrt(2)) < 0.005
+
+
+def test_garbage_after_a_valid_mp3_header_is_a_failure(tmp_path: Path) -> None:
+    clip = (0.3 * np.sin(np.arange(48000) / 10)).astype(np.float32)
+    good = tmp_path / "good.mp3"
+    sf.write(good, clip, 16000, format="MP3")
+    assert decode(str(good)).signal.shape[0] == 48000  # a whole MP3 decodes in full
+    # A valid header followed by too little audio: the decoder stopped early without an
+    # error (this decoded 18479 of 48000 samples as a "good" row).
+    broken = tmp_path / "broken.mp3"
+    broken.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ExtractionError, match="18479 of the 48000 frames the header") as info:
+        decode(str(broken))
+    assert info.value.stage == "decode"
+    broken.write_bytes(good.read_bytes()[:2000] + b"garbage " * 500)  # the decoder's own error
+    with pytest.raises(ExtractionError) as info:
+        decode(str(broken))
+    assert info.value.stage == "decode"

@@ -39,6 +39,10 @@ class Decoded:
         return self.end - self.start
 
 
+# Frames a decoder may legitimately deliver fewer than its header's count: two MPEG audio
+# frames (encoder padding estimates); PCM formats are exact.
+_FRAME_SLACK = 2 * 1152
+
 _KINDS = {
     stat.S_IFDIR: "a directory",
     stat.S_IFCHR: "a character device",
@@ -124,6 +128,14 @@ def decode(
             raise ExtractionError("decode", f"cannot decode audio: {exc}") from exc
     if data.shape[0] == 0:
         raise ExtractionError("decode", "decoded no samples")
+    if last - first - data.shape[0] > _FRAME_SLACK:
+        # The header announced more audio than the decoder could read: a truncated file, or
+        # garbage after a valid MP3 header that the decoder gave up on without an error.
+        raise ExtractionError(
+            "decode",
+            f"decoded {data.shape[0]} of the {last - first} frames the header announces "
+            "(truncated or corrupt)",
+        )
     n_channels = data.shape[1]
     signal = data[:, 0] if channel_policy == "first" or n_channels == 1 else data.mean(axis=1)
     signal = np.ascontiguousarray(signal, dtype=np.float32)

@@ -89,7 +89,7 @@ def test_garbage_after_a_valid_mp3_header_is_a_failure(tmp_path: Path) -> None:
     # error (this decoded 18479 of 48000 samples as a "good" row).
     broken = tmp_path / "broken.mp3"
     broken.write_bytes(good.read_bytes()[:2000])
-    with pytest.raises(ExtractionError, match="18479 of the 48000 frames the header") as info:
+    with pytest.raises(ExtractionError, match=r"\d+ of the 48000 frames the header") as info:
         decode(str(broken))
     assert info.value.stage == "decode"
     broken.write_bytes(good.read_bytes()[:2000] + b"garbage " * 500)  # the decoder's own error

@@ -2,10 +2,13 @@
 
     python -m benchmarks.reliability [--kills 3] [--good 40] [--extractor egemaps]
 
-Builds a corpus of broken and awkward recordings mixed with good ones, runs
+Builds a corpus of broken and awkward recordings (a link to /dev/zero and a FIFO among them)
+mixed with good ones, runs
 ``python -m runners.extract`` on it in a subprocess, SIGKILLs it at random points and reruns
 until it completes, then prints: items in, written, failed (by reason), lost (must be 0) and
-duplicated (must be 0). Then measures the peak RSS (process tree, sampled) of full runs over
+duplicated (must be 0). Then two concurrent runs into one output directory (the second must be
+refused, nothing corrupted) and a SIGKILL while the loader is stuck on an item (the finished
+items must be kept). Then measures the peak RSS (process tree, sampled) of full runs over
 N and 10·N files, and the peak RSS and time of one 30-minute recording through each extractor
 (``--long-extractors``; the SSL one on random weights of wav2vec2-base, chunked).
 """
@@ -45,6 +48,8 @@ BAD_AND_AWKWARD: dict[str, str] = {
     "spaces and ünïcödé ñ.wav": "ok",
     "voice.mp3": "ok",
     "voice.ogg": "ok",
+    "devzero.wav": "decode",  # a link to /dev/zero: read forever before it was refused
+    "fifo.wav": "decode",  # a named pipe: open() blocked forever before it was refused
 }
 
 
@@ -79,6 +84,8 @@ def build_bad_corpus(root: Path, seed: int = 0) -> dict[str, str]:
     sf.write(root / "spaces and ünïcödé ñ.wav", clip, 16000)
     sf.write(root / "voice.mp3", clip, 16000, format="MP3")
     sf.write(root / "voice.ogg", clip, 16000, format="OGG")
+    (root / "devzero.wav").symlink_to("/dev/zero")
+    os.mkfifo(root / "fifo.wav")
     return dict(BAD_AND_AWKWARD)
 
 
@@ -123,6 +130,95 @@ def kill_and_resume(overrides: list[str], out: Path, kills: int, seed: int = 0) 
             if proc.returncode not in (0, 3):  # 3: failure ratio above the limit, still complete
                 raise RuntimeError(err.decode()[-2000:])
             return made
+
+
+def concurrent_runs_report(tmp: Path, n_files: int = 60) -> None:
+    """Two runs into one ``output_dir`` at once: the second must be refused at once and the
+    first must finish with every item exactly once in readable files."""
+    folder = tmp / "concurrent"
+    folder.mkdir()
+    for i in range(n_files):
+        sf.write(folder / f"c{i:03d}.wav", voice(1.0, f0=110 + i), 16000)
+    out = tmp / "concurrent_out"
+    args = ["dataset=folder", f"dataset.root={folder}", f"output_dir={out}"]
+    first = subprocess.Popen(
+        _command([*args, "writer.commit_every_s=0", "loader.batch_size=2"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    while not list((out / ".progress").glob("part-*.parquet")) and first.poll() is None:
+        time.sleep(0.05)
+    started = time.perf_counter()
+    second = subprocess.run(_command(args), capture_output=True, text=True)
+    refused_s = time.perf_counter() - started
+    first.communicate()
+    rows = pd.read_parquet(out / "features.parquet")["id"]
+    message = (second.stderr.strip().splitlines() or ["(nothing)"])[-1]
+    print(
+        f"two runs into one output_dir: second exit {second.returncode} after {refused_s:.1f} s "
+        f"({message[:90]}); first exit {first.returncode}, {rows.nunique()}/{n_files} items, "
+        f"{len(rows) - rows.nunique()} duplicated, files readable"
+    )
+
+
+_STUCK = """
+import sys, time
+from audio_models.audio.smile import OpenSmileExtractor
+real = OpenSmileExtractor.transform
+def stuck(self, signal, sample_rate):
+    if len(signal) == int(2.5 * sample_rate):
+        time.sleep(3600)
+    return real(self, signal, sample_rate)
+OpenSmileExtractor.transform = stuck
+sys.argv = ["runners.extract", *sys.argv[1:]]
+from runners.extract import main
+main()
+"""
+
+
+def stuck_kill_report(tmp: Path, n_good: int = 6) -> None:
+    """SIGKILL while the loader is stuck on an item: the items finished before it are kept
+    (the writer's timer committed them though no batch followed), and a rerun completes."""
+    folder = tmp / "stuck"
+    folder.mkdir()
+    for i in range(n_good):
+        sf.write(folder / f"s{i:02d}.wav", voice(1.0 + 0.1 * i), 16000)
+    sf.write(folder / "zz_stuck.wav", voice(2.5), 16000)
+    out = tmp / "stuck_out"
+    args = [
+        "dataset=folder",
+        f"dataset.root={folder}",
+        f"output_dir={out}",
+        "loader.num_workers=1",
+        "loader.item_timeout_s=null",
+        "writer.commit_every_s=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK, *_command(args)[3:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    started = time.perf_counter()
+    kept = 0
+    while time.perf_counter() - started < 120 and kept < n_good:
+        kept = sum(
+            pd.read_parquet(p, columns=["id"]).shape[0]
+            for p in (out / ".progress").glob("part-*.parquet")
+        )
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(
+        _command([*args, "loader.item_timeout_s=900"]), capture_output=True, text=True
+    )
+    rows = pd.read_parquet(out / "features.parquet")["id"]
+    print(
+        f"SIGKILL while an item is stuck: {kept}/{n_good} finished items kept; rerun exit "
+        f"{rerun.returncode}, {rows.nunique()}/{n_good + 1} items, "
+        f"{len(rows) - rows.nunique()} duplicated"
+    )
 
 
 def long_recording_report(tmp: Path, extractors: list[str], minutes: float = 30.0) -> None:
@@ -265,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
             f"bad/awkward files with the expected outcome: {matched}/{len(expected)}"
             + (f" (unexpected: {wrong})" if wrong else "")
         )
+
+        concurrent_runs_report(Path(tmp))
+        stuck_kill_report(Path(tmp))
 
         sizes = {}
         for factor in (1, 10):

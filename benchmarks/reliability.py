@@ -132,31 +132,31 @@ def kill_and_resume(overrides: list[str], out: Path, kills: int, seed: int = 0) 
             return made
 
 
-def concurrent_runs_report(tmp: Path, n_files: int = 60) -> None:
-    """Two runs into one ``output_dir`` at once: the second must be refused at once and the
-    first must finish with every item exactly once in readable files."""
+def concurrent_runs_report(tmp: Path, n_files: int = 300) -> None:
+    """Two runs into one ``output_dir`` started together: one must be refused at once, the
+    other must finish with every item exactly once in readable files."""
     folder = tmp / "concurrent"
     folder.mkdir()
     for i in range(n_files):
-        sf.write(folder / f"c{i:03d}.wav", voice(1.0, f0=110 + i), 16000)
+        sf.write(folder / f"c{i:03d}.wav", voice(2.0, f0=110 + i % 100), 16000)
     out = tmp / "concurrent_out"
-    args = ["dataset=folder", f"dataset.root={folder}", f"output_dir={out}"]
-    first = subprocess.Popen(
-        _command([*args, "writer.commit_every_s=0", "loader.batch_size=2"]),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    command = _command(
+        ["dataset=folder", f"dataset.root={folder}", f"output_dir={out}", "loader.num_workers=1"]
     )
-    while not list((out / ".progress").glob("part-*.parquet")) and first.poll() is None:
-        time.sleep(0.05)
-    started = time.perf_counter()
-    second = subprocess.run(_command(args), capture_output=True, text=True)
-    refused_s = time.perf_counter() - started
-    first.communicate()
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(run.communicate()[1], run.returncode) for run in runs]
+    refused = [err for err, code in results if code == 2 and "is in use by" in err]
+    finished = [code for _, code in results if code == 0]
     rows = pd.read_parquet(out / "features.parquet")["id"]
-    message = (second.stderr.strip().splitlines() or ["(nothing)"])[-1]
+    message = next(
+        (line for line in (refused[0] if refused else "").splitlines() if "error:" in line), "-"
+    )
     print(
-        f"two runs into one output_dir: second exit {second.returncode} after {refused_s:.1f} s "
-        f"({message[:90]}); first exit {first.returncode}, {rows.nunique()}/{n_files} items, "
+        f"two runs into one output_dir at once: {len(refused)} refused ({message[:100]}), "
+        f"{len(finished)} finished; {rows.nunique()}/{n_files} items, "
         f"{len(rows) - rows.nunique()} duplicated, files readable"
     )
 

@@ -15,13 +15,18 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from audio_models.audio.smile import OpenSmileExtractor
-from audio_models.pipeline.store import PROGRESS
+from audio_models.data.items import Item
+from audio_models.data.loader import Record
+from audio_models.extractor import OutputKind
+from audio_models.pipeline.store import PROGRESS, OutputStore
+from audio_models.pipeline.writer import ParquetFeatureWriter
 from benchmarks.reliability import voice
 from runners.extract import extract
 
@@ -193,3 +198,56 @@ def _sigterm(proc: subprocess.Popen[str], uri: str) -> None:
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
     assert run.info.status == "KILLED"
+
+
+def test_a_failed_timed_commit_keeps_its_records_and_fails_the_run(tmp_path: Path) -> None:
+    items = [Item(id=f"a{i}", path=f"/a{i}.wav") for i in range(3)]
+    store = OutputStore(tmp_path, "hash")
+    store.open()
+    writer = ParquetFeatureWriter(
+        store,
+        kind=OutputKind.VECTOR,
+        feature_names=["x"],
+        frame_shift_s=None,
+        items=items,
+        label_columns=[],
+        commit_rows=8,  # never reached: only the timer commits
+        commit_every_s=0.2,
+    )
+    meta = {
+        "start": 0.0,
+        "end": 1.0,
+        "duration_s": 1.0,
+        "sample_rate": 16000,
+        "source_sample_rate": 16000,
+        "n_channels": 1,
+        "channel_policy": "mean",
+        "silence_ratio": 0.0,
+        "clipping_ratio": 0.0,
+    }
+    real_commit, calls = store.commit, []
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    store.commit = full_disk  # type: ignore[method-assign]
+    records = []
+    for item in items[:2]:
+        record = Record(item=item, key=item.id, meta=dict(meta))
+        record.features = np.array([1.0], dtype=np.float32)
+        records.append(record)
+    writer.consume(records)
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert calls, "the timer never tried to commit"
+    with pytest.raises(OSError, match="No space left"):  # reported in the main thread
+        writer.consume([])
+    assert len(writer._pending) == 2 and writer.n_processed == 0  # nothing was dropped
+    store.commit = real_commit  # type: ignore[method-assign]
+    writer.stop_timer()
+    writer.flush()
+    assert _committed_rows(tmp_path) == 2
+    store.release()

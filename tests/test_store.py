@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from audio_models.pipeline.store import FAILURE_SCHEMA, LOCK, PROGRESS, OutputStore
+from audio_models.pipeline.store import DAMAGED, FAILURE_SCHEMA, LOCK, PROGRESS, OutputStore
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 
@@ -90,7 +90,7 @@ def test_truncated_part_is_set_aside_and_its_items_redone(tmp_path: Path) -> Non
     store = OutputStore(tmp_path / "out", "h1")
     store.open()
     assert store.done_keys == {"c", "d"}  # a and b will be redone
-    assert (tmp_path / "out" / PROGRESS / "damaged" / "part-000000.parquet").exists()
+    assert (tmp_path / "out" / DAMAGED / "part-000000.parquet").exists()
     assert store.previous_run_id == "run-1"
     store.release()
 
@@ -148,3 +148,26 @@ def test_temporary_names_are_per_process(tmp_path: Path, monkeypatch: pytest.Mon
     store.commit(store.next_seq(), _part(["a"]), None, None)
     store.release()
     assert seen == [f"part-000000.parquet.{os.getpid()}.tmp"]
+
+
+def test_a_refused_open_leaves_the_directory_free(tmp_path: Path) -> None:
+    _committed(tmp_path, "h1")
+    with pytest.raises(UserError, match="different settings"):
+        OutputStore(tmp_path / "out", "h2").open()
+    store = OutputStore(tmp_path / "out", "h2", resume=False)  # as the message advises
+    store.open()
+    assert store.done_keys == set()
+    store.release()
+
+
+def test_unstamped_parts_resume_when_state_vouches(tmp_path: Path) -> None:
+    # Parts written before parts carried the settings hash: state.json says whose they are.
+    store = OutputStore(tmp_path / "out", "h1")
+    store.open()
+    store.save_state("run-1")
+    pq.write_table(_part(["a"]), tmp_path / "out" / PROGRESS / "part-000000.parquet")
+    store.release()
+    again = OutputStore(tmp_path / "out", "h1")
+    again.open()
+    assert again.done_keys == {"a"}
+    again.release()

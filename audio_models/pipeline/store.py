@@ -110,6 +110,7 @@ TRANSCRIPT_TABLES = {"segments": SEGMENT_SCHEMA, "words": WORD_SCHEMA}
 TRANSCRIPT_COLUMNS = ("text", "language")
 INDEX_COLUMNS = ["id", "shard", "offset", "n_frames", "frame_shift_s"]
 PROGRESS = ".progress"
+DAMAGED = ".damaged"  # parts that could not be read back, kept for a look
 LOCK = ".lock"  # held (flock) by the run using the directory; says who that is
 HASH_KEY = b"audio_models.config_hash"
 RUN_KEY = b"audio_models.run_id"
@@ -195,6 +196,7 @@ class OutputStore:
         self._stride = 1  # ranks of a distributed run interleave their sequence numbers
         self._lock_handle: IO[str] | None = None
         self._lock_key = ""
+        self._state_vouches = False
 
     @property
     def final_files(self) -> list[Path]:
@@ -212,6 +214,13 @@ class OutputStore:
             UserError: the directory holds outputs of different settings.
         """
         self._lock()
+        try:
+            self._open_locked()
+        except BaseException:
+            self.release()  # a refused or failed open leaves the directory free
+            raise
+
+    def _open_locked(self) -> None:
         for finished in self.output_dir.glob(PROGRESS + ".done*"):
             shutil.rmtree(finished)  # a finalize that a kill interrupted after its commit
         if not self.resume:
@@ -224,6 +233,8 @@ class OutputStore:
         saved = _read_state(state)
         if saved is not None:
             self._check_hash(saved.get("config_hash"), str(self.progress))
+            # Parts of a run interrupted before parts carried the hash: state.json vouches.
+            self._state_vouches = True
             self.previous_run_id = saved.get("run_id")
         elif features.exists() or failures.exists():
             # A finished run: reopen it, so new items of a grown corpus join its outputs.
@@ -242,7 +253,7 @@ class OutputStore:
                     path.replace(self.progress / f"{name}-000000.parquet")
             (self.frames / "index.parquet").unlink(missing_ok=True)
         self.progress.mkdir(exist_ok=True)
-        for folder in (self.progress, self.frames):
+        for folder in (self.output_dir, self.progress, self.frames):
             if folder.is_dir():
                 for tmp in folder.glob("*.tmp"):
                     tmp.unlink()  # a write that a kill interrupted
@@ -321,9 +332,9 @@ class OutputStore:
         self._stride = world_size
 
     def _set_aside(self, path: Path, exc: Exception) -> None:
-        """Move a damaged file to ``.progress/damaged/``: its items are redone, the file kept
+        """Move a damaged file to ``output_dir/.damaged/``: its items are redone, the file kept
         for a look (never deleted by the tool)."""
-        target = self.progress / "damaged"
+        target = self.output_dir / DAMAGED
         target.mkdir(exist_ok=True)
         path.replace(target / path.name)
         log.warning("set aside damaged %s (%s); its items will be redone", path.name, exc)
@@ -343,7 +354,8 @@ class OutputStore:
                 self._set_aside(path, exc)
                 continue
             found = (schema.metadata or {}).get(HASH_KEY)
-            self._check_hash(found.decode() if found else None, str(path))
+            if found is not None or not self._state_vouches:
+                self._check_hash(found.decode() if found else None, str(path))
             good[seq] = path
         return good
 

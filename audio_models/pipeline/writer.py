@@ -115,6 +115,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self._commit_lock = threading.RLock()
         self._timer: threading.Thread | None = None
         self._timer_stop = threading.Event()
+        self._timer_error: Exception | None = None
         self.kind = kind
         self.feature_names = feature_names
         self.frame_shift_s = frame_shift_s
@@ -173,6 +174,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stop_timer()
+        self._raise_timer_error()
         self.flush()
         if trainer.world_size > 1:
             wall = time.perf_counter() - self._started
@@ -216,6 +218,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
         """Take a batch's records; commit once ``commit_rows`` of them are pending and
         ``commit_every_s`` has passed (or they hold ``_PENDING_BYTES`` of features)."""
         with self._commit_lock:
+            self._raise_timer_error()
             self._pending.extend(records)
             self._pending_bytes += sum(r.features.nbytes for r in records if r.features is not None)
             if self._timer is None:
@@ -237,8 +240,8 @@ class ParquetFeatureWriter(BasePredictionWriter):
                     if self._pending and time.monotonic() - self._last_commit >= interval:
                         try:
                             self.flush()
-                        except Exception:  # the next batch or the end of the run reports it
-                            log.exception("timed commit failed")
+                        except Exception as exc:  # raised by the next batch or the end
+                            self._timer_error = exc
                             return
 
         self._timer = threading.Thread(target=tick, name="audio_models-commit", daemon=True)
@@ -249,6 +252,13 @@ class ParquetFeatureWriter(BasePredictionWriter):
         self._timer_stop.set()
         if self._timer is not None:
             self._timer.join()
+
+    def _raise_timer_error(self) -> None:
+        # A commit the timer could not make (disk full, say) fails the run where the main
+        # thread can report it; the records it held are still pending.
+        error, self._timer_error = self._timer_error, None
+        if error is not None:
+            raise error
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -266,15 +276,11 @@ class ParquetFeatureWriter(BasePredictionWriter):
             self._flush()
 
     def _flush(self) -> None:
-        records, self._pending = self._pending, []
-        self._pending_bytes = 0
-        self._last_commit = time.monotonic()
+        records = self._pending
         done, failures = [], []
         for record in records:
             if record.skipped:
-                self.n_skipped += 1
                 continue
-            self.n_processed += 1
             if record.failure is None and record.features is not None:
                 self._check_shape(record)
             if record.failure is not None or (
@@ -283,19 +289,44 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 failures.append(record)
             else:
                 done.append(record)
-                self.audio_seconds_now += record.duration_s
-        if not done and not failures:
-            return
-        seq = self.store.next_seq()
-        part = frames = None
-        tables: dict[str, pa.Table] = {}
-        if done and self.kind == OutputKind.TRANSCRIPT:
-            part, tables = self._transcript_tables(done)
-        elif done:
-            part, frames = self._tables(done, seq)
-        self.store.commit(
-            seq, part, self._failure_table(failures) if failures else None, frames, tables
-        )
+        if done or failures:
+            seq = self.store.next_seq()
+            part = frames = None
+            tables: dict[str, pa.Table] = {}
+            if done and self.kind == OutputKind.TRANSCRIPT:
+                part, tables = self._transcript_tables(done)
+            elif done:
+                part, frames = self._tables(done, seq)
+            self.store.commit(
+                seq, part, self._failure_table(failures) if failures else None, frames, tables
+            )
+        # Committed: only now do the records leave the pending list and count (a commit that
+        # raised leaves them pending for the next try, or for the error to be reported).
+        self._pending, self._pending_bytes = [], 0
+        self._last_commit = time.monotonic()
+        self.n_skipped += len(records) - len(done) - len(failures)
+        self.n_processed += len(done) + len(failures)
+        self.audio_seconds_now += sum(record.duration_s for record in done)
+        self._report(failures)
+
+    def _report(self, failures: list[Record]) -> None:
+        """Count and announce committed failures: a warning in the main thread; a log line
+        from the timer thread (``warnings`` is process-wide state: a warning from there would
+        land in whatever ``catch_warnings`` the main thread is in, an item's transform say)."""
+        self.n_failed_now += len(failures)
+        timer = threading.current_thread() is self._timer
+        for record in failures:
+            failure = record.failure
+            stage, error_type, message = (
+                (failure.stage, failure.error_type, failure.message)
+                if failure is not None
+                else ("transform", "NoOutput", "extractor returned nothing")
+            )
+            text = f"{record.item.id}: {stage} failed: {error_type}: {message}"
+            if timer:
+                log.warning(text)
+            else:
+                warnings.warn(text, stacklevel=3)
 
     def record_crashes(self, crashed: list[tuple[Item, str]], message: str) -> None:
         """Commit failure rows for items whose worker process died, so a rerun skips them."""
@@ -305,6 +336,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
             record.failure = Failure("worker", "WorkerDied", message[:2000])
             records.append(record)
         self.store.commit(self.store.next_seq(), None, self._failure_table(records), None)
+        self._report(records)
 
     def _check_shape(self, record: Record) -> None:
         features = record.features
@@ -317,7 +349,6 @@ class ParquetFeatureWriter(BasePredictionWriter):
             fail(record, "transform", ValueError("extractor returned only NaN"))
 
     def _failure_table(self, records: list[Record]) -> pa.Table:
-        self.n_failed_now += len(records)
         rows: dict[str, list[Any]] = {name: [] for name in FAILURE_SCHEMA.names}
         for record in records:
             failure = record.failure
@@ -325,9 +356,6 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 (failure.stage, failure.error_type, failure.message)
                 if failure is not None
                 else ("transform", "NoOutput", "extractor returned nothing")
-            )
-            warnings.warn(
-                f"{record.item.id}: {stage} failed: {error_type}: {message}", stacklevel=2
             )
             values = (record.item.id, record.item.path, stage, error_type, message, record.key)
             for key, value in zip(FAILURE_SCHEMA.names, values, strict=True):

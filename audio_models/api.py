@@ -8,12 +8,15 @@ numbers equal the CLI's. Results are indexed like audinterface's: ``(file, start
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ from audio_models.utils.paths import conf_dir
 __all__ = ["Run", "extract", "extractors", "load", "load_extractor"]
 
 INDEX = ["file", "start", "end"]
+_COMPOSE_LOCK = threading.Lock()
 _MANIFEST_SUFFIXES = {".csv", ".tsv", ".tab", ".jsonl", ".ndjson"}
 # Columns of features.parquet that describe how an item was read, not what it is; kept in
 # ``Run.items`` and left out of the feature frame a user analyses.
@@ -83,7 +87,11 @@ def _value(value: Any) -> str:
     if isinstance(value, int | float | np.integer | np.floating):
         return repr(value.item() if isinstance(value, np.generic) else value)
     if isinstance(value, str | os.PathLike):
-        text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+        # Hydra's quoted strings: backslashes are literal except before a quote, an
+        # interpolation or the closing quote (there they are doubled); quotes and ``${`` are
+        # escaped, so a path is never interpolated.
+        text = re.sub(r"(\\+)(?='|\$\{|$)", lambda m: m.group(1) * 2, str(value))
+        text = text.replace("'", "\\'").replace("${", "\\${")
         return f"'{text}'"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
@@ -100,13 +108,18 @@ def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
     Raises:
         UserError: a misspelt option or key, or a bad value (Hydra's message, one line).
     """
+    import audio_models.config  # noqa: F401  (registers the structured configs)
+
+    with _COMPOSE_LOCK:  # Hydra's global state: one composition at a time
+        return _compose(config_name, overrides)
+
+
+def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf.errors import OmegaConfBaseException
-
-    import audio_models.config  # noqa: F401  (registers the structured configs)
 
     backup = get_gh_backup()
     try:
@@ -138,6 +151,8 @@ def _seconds(value: Any) -> float | None:
 
 
 def _as_timedelta(value: Any) -> pd.Timedelta:
+    if isinstance(value, pd.Timedelta | np.timedelta64):
+        return pd.Timedelta(value)  # as given, to the nanosecond: results join the caller's
     seconds = _seconds(value)
     return pd.NaT if seconds is None else pd.to_timedelta(seconds, unit="s")
 
@@ -150,6 +165,8 @@ class _Source:
     items: list[Item] | None = None
     # item id → the (file, start, end) the caller wrote, so that results join their index.
     index: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
+    # label column → the caller's dtype (categoricals, nullable integers come back as such)
+    dtypes: dict[str, Any] = field(default_factory=dict)
 
 
 def _items_source(rows: Iterable[tuple[Any, Any, Any, dict[str, Any]]]) -> _Source:
@@ -192,10 +209,12 @@ def _source(source: Any) -> _Source:
         keys = frame.index.to_frame(index=False)
         starts = keys["start"] if "start" in keys else [None] * len(keys)
         ends = keys["end"] if "end" in keys else [None] * len(keys)
-        return _items_source(
+        source_ = _items_source(
             (f, s, e, {k: _plain(v) for k, v in lab.items()})
             for f, s, e, lab in zip(keys["file"], starts, ends, labels, strict=True)
         )
+        source_.dtypes = dict(frame.dtypes.items())
+        return source_
     if isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
         if path.is_dir():
@@ -349,25 +368,44 @@ def extract(
         with _preserved_globals():
             result = run_extract(cfg, dataset=dataset, overrides=given)
         run = load(out)
-        run.given = src.index
+        if src.index:  # an output_dir may also hold items of earlier calls: only these
+            run.given = src.index
+            run.items = run.items[run.items["id"].isin(src.index)].reset_index(drop=True)
+            if len(run.failures):
+                run.failures = run.failures[run.failures["id"].isin(src.index)]
         frame = run.features if not run.transcribed else run.transcripts
+        for column, dtype in src.dtypes.items():
+            if column in frame.columns:
+                with contextlib.suppress(TypeError, ValueError):
+                    frame[column] = frame[column].astype(dtype)
+        # Plain records, not DataFrames: pandas compares attrs when concatenating results,
+        # which DataFrames cannot answer.
         frame.attrs.update(
-            failures=run.failures,
+            failures=run.failures.to_dict(orient="records"),
             metrics=dict(result.metrics),
             output_dir=out if keep else None,
         )
         if run.transcribed:
-            frame.attrs.update(segments=run.segments, words=run.words)
+            frame.attrs.update(
+                segments=_side_records(run.segments, src.index),
+                words=_side_records(run.words, src.index),
+            )
         if len(run.failures):
             warnings.warn(
                 f"{len(run.failures)} of {len(run.failures) + len(run.items)} items failed "
-                "(see .attrs['failures'])",
+                "(pd.DataFrame(result.attrs['failures']) lists them)",
                 stacklevel=2,
             )
         return frame
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _side_records(table: pd.DataFrame, ids: dict[str, Any]) -> list[dict[str, Any]]:
+    if ids:
+        table = table[table["id"].isin(ids)]
+    return table.to_dict(orient="records")
 
 
 # -- reading a run ------------------------------------------------------------------------
@@ -485,12 +523,18 @@ class Run:
         if not self.frame_level:
             raise UserError(f"{self.output_dir} holds one vector per item, not frames")
         if item_id is None:
-            shards = sorted((self.output_dir / "frames").glob("shard-*.parquet"))
-            order = dict(zip(self.items["id"], range(len(self.items)), strict=True))
-            table = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
-            table = table[table["id"].isin(order)]  # rows of items a resume superseded
-            rank = table["id"].map(order)
-            return table.assign(_r=rank).sort_values(["_r", "frame"]).drop(columns="_r")
+            # Each item's rows by its index entry (shard, offset, n_frames): a shard can still
+            # hold the frames of an earlier version of an item that was redone.
+            parts, cache = [], {}
+            for _, row in self.items.iterrows():
+                shard = row["shard"]
+                if shard not in cache:
+                    cache = {shard: pd.read_parquet(self.output_dir / shard)}
+                start = int(row["offset"])
+                parts.append(cache[shard].iloc[start : start + int(row["n_frames"])])
+            if not parts:
+                return pd.DataFrame(columns=["id", "frame"])
+            return pd.concat(parts, ignore_index=True)
         match = self.items[self.items["id"] == item_id]
         if match.empty:
             raise KeyError(item_id)
@@ -544,7 +588,13 @@ def load(output_dir: str | os.PathLike[str]) -> Run:
         )
     failures = pd.read_parquet(failures_path)
     # A run whose every item failed has its failures but no main table.
-    items = pd.read_parquet(main) if main.exists() else pd.DataFrame(columns=["id", "path"])
+    items = (
+        pd.read_parquet(main)
+        if main.exists()
+        else pd.DataFrame({c: pd.Series(dtype=float) for c in ("start", "end")}).assign(
+            id=pd.Series(dtype=str), path=pd.Series(dtype=str)
+        )
+    )
     config_path = folder / "config.yaml"
     config: dict[str, Any] = {}
     if config_path.exists():

@@ -116,12 +116,13 @@ def test_dataframe_source_keeps_labels_exactly_and_the_callers_index(corpus: Pat
     table = pd.DataFrame(
         {"speaker": ["09", "09", "10"], "score": [1, 2, 3], "ok": [True, False, True]},
         index=index,
-    )
+    ).astype({"speaker": "category"})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(corpus)  # relative files resolve against the working directory
         df = am.extract(table, "egemaps", num_workers=0, device="cpu")
     assert df.index.equals(index)  # relative paths and the NaT end as given: joins work
-    assert df["speaker"].tolist() == ["09", "09", "10"]
+    assert df["speaker"].dtype == table["speaker"].dtype
+    assert df["speaker"].astype(str).tolist() == ["09", "09", "10"]
     assert df["score"].tolist() == [1, 2, 3]
     assert df["ok"].tolist() == [True, False, True]
     assert df.shape[1] == 3 + 88
@@ -137,8 +138,14 @@ def test_failures_are_returned_and_warned(corpus: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="1 of 2 items failed"):
         df = am.extract(files, "egemaps", num_workers=0, device="cpu")
     assert len(df) == 1
-    failures = df.attrs["failures"]
+    failures = pd.DataFrame(df.attrs["failures"])
     assert failures["path"].tolist() == [str(bad)] and failures["stage"].tolist() == ["decode"]
+    with pytest.warns(UserWarning, match="1 of 1 items failed"):
+        none = am.extract([str(bad)], "egemaps", num_workers=0, device="cpu")
+    assert none.empty and none.index.names == ["file", "start", "end"]
+    # Results concatenate (attrs hold plain records, which pandas can compare).
+    both = pd.concat([df, am.extract([str(corpus / "b.wav")], "egemaps", num_workers=0)])
+    assert len(both) == 2
 
 
 def test_output_dir_keeps_files_and_resumes(corpus: Path, tmp_path: Path) -> None:
@@ -153,6 +160,17 @@ def test_output_dir_keeps_files_and_resumes(corpus: Path, tmp_path: Path) -> Non
     run = am.load(out)
     assert run.config["extractor"]["name"] == "egemaps"
     pd.testing.assert_frame_equal(run.features, first)
+    # Another list into the same directory: only the items of this call come back.
+    other = am.extract([str(corpus / "a.wav")], "egemaps", num_workers=0, output_dir=out)
+    assert other.index.get_level_values("file").tolist() == [str(corpus / "a.wav")]
+
+
+def test_override_values_are_quoted_exactly() -> None:
+    from audio_models.api import _value, compose_config
+
+    for text in ["/tmp/a\\b", "/tmp/it's", "/tmp/${oc.env:HOME}", "/tmp/x\\", "a,b c=d$", "-3"]:
+        cfg = compose_config("extract", ["tracking=off", f"output_dir={_value(text)}"])
+        assert cfg.output_dir == text
 
 
 def test_temporary_outputs_are_removed(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:

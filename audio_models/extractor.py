@@ -28,6 +28,16 @@ class OutputKind(StrEnum):
     TRANSCRIPT = "transcript"  # text with timed segments and words (a :class:`Transcript`)
 
 
+class Placement(StrEnum):
+    """Where an extractor's work runs."""
+
+    WORKER = "worker"  # transform(): per item, on the CPU, in the loader's worker processes
+    DEVICE = "device"  # forward(): batched, the padded batch moved to the run's device
+    # forward(): batched, the batch left on the host for a model that takes numpy audio and
+    # moves its own work to the device (whisperX's CTranslate2, say)
+    HOST = "host"
+
+
 @dataclass
 class Output:
     """A transform result with text columns beside the numbers (e.g. a predicted label)."""
@@ -86,13 +96,9 @@ class Extractor:
     """
 
     kind: ClassVar[OutputKind] = OutputKind.VECTOR
-    #: Whether :meth:`transform` does the work (CPU, per item, in loader workers).
-    uses_transform: ClassVar[bool] = False
-    #: Whether :meth:`forward` does the work (batched, on the device).
-    uses_forward: ClassVar[bool] = False
-    #: Whether :meth:`forward` wants its batch on the host (CPU tensors): for models that
-    #: take numpy audio and move their own work to the device (whisperX, say).
-    host_batch: ClassVar[bool] = False
+    #: Where the work runs: :meth:`transform` in loader workers, or :meth:`forward` on
+    #: batches moved to the device or left on the host.
+    placement: ClassVar[Placement] = Placement.WORKER
     #: Padded seconds per batch this model batches well at, used when the loader's
     #: ``batch_audio_s`` is unset (a config value of the extractor, not a decision).
     batch_audio_s: float | None = None
@@ -208,7 +214,7 @@ class Extractor:
         if self.sample_rate is not None and sample_rate != self.sample_rate:
             x = resample(np.ascontiguousarray(x), sample_rate, self.sample_rate)
             sample_rate = self.sample_rate
-        if self.uses_transform:
+        if self.placement == Placement.WORKER:
             return self.transform(np.ascontiguousarray(x), sample_rate)
         module = self.torch_module()
         device = next(module.parameters()).device if module is not None else torch.device("cpu")

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from audio_models.evaluation import word_error_rate
+from audio_models.extractor import Placement
 from audio_models.speech.s2t import Speech2TextExtractor
 from audio_models.utils.errors import UserError
 from benchmarks.asr_models import save_random_s2t
@@ -348,7 +349,7 @@ def test_whisperx_option_instantiates(tiny_whisper) -> None:
 
     cfg = compose_extract([*_whisper_overrides(tiny_whisper), "output_dir=x"])
     extractor = instantiate(cfg.extractor, _convert_="all")
-    assert isinstance(extractor, WhisperXExtractor) and extractor.host_batch
+    assert isinstance(extractor, WhisperXExtractor) and extractor.placement == Placement.HOST
     assert extractor.provenance()["whisperx.align_model.en"] == str(tiny_whisper[1])
     default = compose_extract(["extractor=whisperx", "output_dir=x"]).extractor
     assert default.model == "small" and default.vad_method == "pyannote" and not default.diarize

@@ -15,7 +15,7 @@ import torch
 from torchaudio.compliance.kaldi import get_mel_banks
 from torchaudio.functional import create_dct
 
-from audio_models.extractor import Extractor, OutputKind
+from audio_models.extractor import Extractor, OutputKind, Placement
 
 WindowType = Literal["povey", "hanning", "hamming", "rectangular"]
 _EPS = torch.finfo(torch.float32).eps
@@ -188,7 +188,7 @@ class KaldiExtractor(Extractor):
         **options: :class:`KaldiFeatures` options (``num_ceps`` selects MFCC).
     """
 
-    uses_forward = True
+    placement = Placement.DEVICE
     kind = OutputKind.FRAMES
 
     def __init__(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import librosa
 import numpy as np
 
-from audio_models.extractor import Extractor, OutputKind
+from audio_models.extractor import Extractor, OutputKind, Placement
 from audio_models.utils.errors import ExtractionError
 
 # (part, number of values) in the upstream order.
@@ -31,7 +31,7 @@ class LibrosaExtractor(Extractor):
         sample_rate: ``None`` (upstream behaviour) keeps each file's own rate.
     """
 
-    uses_transform = True
+    placement = Placement.WORKER
     kind = OutputKind.VECTOR
 
     def __init__(

@@ -10,7 +10,7 @@ import opensmile
 from opensmile.core.config import config as smile_config
 from opensmile.core.lib import FrameMetaData, OpenSMILE
 
-from audio_models.extractor import Extractor, OutputKind
+from audio_models.extractor import Extractor, OutputKind, Placement
 from audio_models.utils.errors import ExtractionError
 
 # openSMILE's frame step for the low-level descriptors of eGeMAPS and ComParE.
@@ -86,7 +86,7 @@ class OpenSmileExtractor(Extractor):
         sample_rate: resample to this rate first; ``None`` keeps each file's own rate.
     """
 
-    uses_transform = True
+    placement = Placement.WORKER
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from audio_models.audio.io import ChannelPolicy, check_regular_file, decode
 from audio_models.data.items import Item
-from audio_models.extractor import Extractor, Output, Transcript
+from audio_models.extractor import Extractor, Output, Placement, Transcript
 from audio_models.utils.errors import ExtractionError
 
 
@@ -263,7 +263,7 @@ class ItemDataset(Dataset[Record]):
                     f"{self.extractor.name} needs at least {self.extractor.min_samples}",
                 ),
             )
-        if not self.extractor.uses_transform:
+        if self.extractor.placement != Placement.WORKER:
             record.signal = decoded.signal
             return record
         try:
@@ -493,7 +493,7 @@ class ExtractionDataModule(L.LightningDataModule):
     ) -> Batch:
         # Only the padded tensors travel; records (numpy, strings) stay on the host, and so
         # does everything for an extractor that moves its own work to the device.
-        if batch.waveforms is not None and not self.dataset.extractor.host_batch:
+        if batch.waveforms is not None and self.dataset.extractor.placement != Placement.HOST:
             batch.waveforms = batch.waveforms.to(device, non_blocking=True)
             batch.lengths = batch.lengths.to(device, non_blocking=True)
         return batch
@@ -510,13 +510,14 @@ class ExtractionDataModule(L.LightningDataModule):
         }
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        batched = self.dataset.extractor.placement != Placement.WORKER
         durations = (
             item_durations(self.dataset.items)
-            if world > 1 or (self.batch_audio_s is not None and self.dataset.extractor.uses_forward)
+            if world > 1 or (self.batch_audio_s is not None and batched)
             else None
         )
         mine = shard(len(self.dataset.items), rank, world, durations)
-        if not self.dataset.extractor.uses_forward:
+        if not batched:
             return SamplerOrderLoader(self.dataset, batch_size=1, sampler=mine, **common)
         if self.batch_audio_s is not None:
             assert durations is not None

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from audio_models.data.datasets import default_cache_dir
-from audio_models.extractor import Extractor, OutputKind
+from audio_models.extractor import Extractor, OutputKind, Placement
 from audio_models.speech.hub import hub_offline
 from audio_models.utils.errors import UserError, model_unavailable
 from audio_models.utils.provenance import sha256_file
@@ -240,7 +240,7 @@ class EcapaExtractor(Extractor):
         sample_rate: the model's input rate.
     """
 
-    uses_forward = True
+    placement = Placement.DEVICE
     kind = OutputKind.VECTOR
 
     def __init__(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torchaudio.compliance.kaldi as ta_kaldi
 
-from audio_models.extractor import Extractor, OutputKind, Segment, Transcript, Word
+from audio_models.extractor import Extractor, OutputKind, Placement, Segment, Transcript, Word
 from audio_models.speech.hub import hub_provenance, load_pretrained
 from audio_models.utils.errors import UserError
 
@@ -46,7 +46,7 @@ class Speech2TextExtractor(Extractor):
     """
 
     kind = OutputKind.TRANSCRIPT
-    uses_forward = True
+    placement = Placement.DEVICE
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from audio_models.audio.librosa_features import LibrosaExtractor
-from audio_models.extractor import Extractor, Output, OutputKind
+from audio_models.extractor import Extractor, Output, OutputKind, Placement
 from audio_models.speech.ser_legacy import load_legacy_classifiers
 from audio_models.utils.errors import UserError
 from audio_models.utils.repos import blob_at, resolve
@@ -145,7 +145,7 @@ class EmotionClassifierExtractor(Extractor):
         sample_rate: upstream converts its data to 16 kHz mono before extracting features.
     """
 
-    uses_transform = True
+    placement = Placement.WORKER
     kind = OutputKind.VECTOR
 
     def __init__(

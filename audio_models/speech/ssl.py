@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from audio_models.extractor import Extractor, OutputKind
+from audio_models.extractor import Extractor, OutputKind, Placement
 from audio_models.speech.hub import hub_provenance, load_pretrained
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
@@ -52,7 +52,7 @@ class SelfSupervisedExtractor(Extractor):
         sample_rate: the model's input rate.
     """
 
-    uses_forward = True
+    placement = Placement.DEVICE
     #: Pad layer-norm batches on the CPU too (tests use it to exercise the masked path there).
     pad_on_cpu = False
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from audio_models.extractor import Extractor, OutputKind, Segment, Transcript, Word
+from audio_models.extractor import Extractor, OutputKind, Placement, Segment, Transcript, Word
 from audio_models.speech.hub import hub_offline, weights_sha256
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import default_cache_dir
@@ -172,8 +172,7 @@ class WhisperXExtractor(Extractor):
     """
 
     kind = OutputKind.TRANSCRIPT
-    uses_forward = True
-    host_batch = True
+    placement = Placement.HOST
 
     def __init__(
         self,

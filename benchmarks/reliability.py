@@ -223,7 +223,7 @@ def stuck_kill_report(tmp: Path, n_good: int = 6) -> None:
 
 def long_recording_report(tmp: Path, extractors: list[str], minutes: float = 30.0) -> None:
     """One ``minutes``-long recording through each extractor: peak RSS and wall time."""
-    from benchmarks.ssl import FULL_ECAPA, save_random_ecapa, save_random_model
+    from audio_models.testing import FULL_ECAPA, save_random_ecapa, save_random_model
 
     folder = tmp / "long"
     folder.mkdir()

@@ -5,16 +5,39 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import audio_models.config  # noqa: F401  (registers the structured configs)
+import audio_models as am
+import audio_models.config
+from audio_models.audio.kaldi import KaldiExtractor
+from audio_models.audio.librosa_features import LibrosaExtractor
+from audio_models.audio.smile import OpenSmileExtractor
+from audio_models.extractor import OutputKind
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 SHARED = REPO.parent / "shared"
 SPEECH = SHARED / "data" / "speech"
+
+# The signal-level extractors: class, output kind, width (shared by the config and runner
+# tests, so that no test module imports another).
+EXTRACTORS = {
+    "egemaps": (OpenSmileExtractor, OutputKind.VECTOR, 88),
+    "egemaps_lld": (OpenSmileExtractor, OutputKind.FRAMES, 25),
+    "compare": (OpenSmileExtractor, OutputKind.VECTOR, 6373),
+    "librosa": (LibrosaExtractor, OutputKind.VECTOR, 193),
+    "fbank": (KaldiExtractor, OutputKind.FRAMES, 80),
+    "mfcc": (KaldiExtractor, OutputKind.FRAMES, 13),
+}
+
+
+def frames_by_id(output_dir: Path) -> pd.DataFrame:
+    """Every frame row of a finished frame-level run, ordered by item id, then frame."""
+    frames = am.load(output_dir).frames()
+    return frames.sort_values(["id", "frame"], kind="stable").reset_index(drop=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

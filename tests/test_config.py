@@ -8,27 +8,14 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from audio_models.audio.kaldi import KaldiExtractor
-from audio_models.audio.librosa_features import LibrosaExtractor
-from audio_models.audio.smile import OpenSmileExtractor
 from audio_models.config import OpenSmileConfig
 from audio_models.data.datasets import DemoDataset, FolderDataset, ManifestDataset
-from audio_models.extractor import OutputKind
 from audio_models.pipeline.device import DeviceSpec
 from audio_models.registry import register_extractor, registered_extractors
 from audio_models.speech.ser import EmotionClassifierExtractor
 from audio_models.speech.ssl import SelfSupervisedExtractor
 from audio_models.tracking import MlflowTracker, NullTracker
-from tests.conftest import CONF_DIR, SHARED, compose_extract
-
-EXTRACTORS = {
-    "egemaps": (OpenSmileExtractor, OutputKind.VECTOR, 88),
-    "egemaps_lld": (OpenSmileExtractor, OutputKind.FRAMES, 25),
-    "compare": (OpenSmileExtractor, OutputKind.VECTOR, 6373),
-    "librosa": (LibrosaExtractor, OutputKind.VECTOR, 193),
-    "fbank": (KaldiExtractor, OutputKind.FRAMES, 80),
-    "mfcc": (KaldiExtractor, OutputKind.FRAMES, 13),
-}
+from tests.conftest import CONF_DIR, EXTRACTORS, SHARED, compose_extract
 
 
 def _options(group: str) -> list[str]:
@@ -71,7 +58,7 @@ def test_ssl_options_instantiate(name: str, tmp_path: Path) -> None:
 def test_hubert_fairseq_and_ecapa_options_instantiate(tmp_path: Path) -> None:
     from audio_models.speech.ecapa import EcapaExtractor
     from audio_models.speech.ssl import FairseqCheckpointExtractor
-    from tests.test_ecapa import make_tiny_ecapa
+    from audio_models.testing import make_tiny_ecapa
     from tests.test_fairseq import hydra_hubert
 
     checkpoint, _ = hydra_hubert(tmp_path / "fairseq")

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from audio_models.data.loader import shard
-from tests.test_reliability import _frames
+from tests.conftest import frames_by_id
 
 DDP = ["device=ddp", "device.accelerator=cpu", "device.devices=2"]
 COMMON = ["progress_bar=false", "loader.num_workers=1", "loader.batch_size=4"]
@@ -63,7 +63,7 @@ def test_ddp_on_the_demo_equals_one_process(tmp_path: Path, extractor: list[str]
     pd.testing.assert_frame_equal(ddp[columns], one[columns], check_exact=True)
     if "n_frames" in one.columns:
         pd.testing.assert_frame_equal(
-            _frames(tmp_path / "ddp"), _frames(tmp_path / "one"), check_exact=True
+            frames_by_id(tmp_path / "ddp"), frames_by_id(tmp_path / "one"), check_exact=True
         )
         assert not (tmp_path / "ddp" / ".progress").exists()
     # One MLflow run, from rank 0, with both ranks' shares.

@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from audio_models.speech.ecapa import EcapaExtractor, check_hyperparams
+from audio_models.testing import (
+    FULL_ECAPA,
+    HYPERPARAMS_TEMPLATE,
+    TINY_ECAPA,
+    make_tiny_ecapa,
+)
 from audio_models.utils.errors import UserError
-from benchmarks.ssl import FULL_ECAPA, HYPERPARAMS_TEMPLATE, TINY_ECAPA, save_random_ecapa
 from runners.extract import extract
-
-
-def make_tiny_ecapa(folder: Path) -> Path:
-    return save_random_ecapa(folder, **TINY_ECAPA)
 
 
 @pytest.fixture

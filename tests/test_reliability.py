@@ -30,17 +30,9 @@ from audio_models.pipeline.writer import ParquetFeatureWriter
 from audio_models.utils.errors import UserError
 from benchmarks.reliability import build_bad_corpus, voice
 from runners.extract import extract
+from tests.conftest import frames_by_id
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _frames(out: Path) -> pd.DataFrame:
-    table = pd.read_parquet(out / "features.parquet").sort_values("id")
-    parts = []
-    for row in table.itertuples():
-        shard = pd.read_parquet(out / row.shard)
-        parts.append(shard.iloc[row.offset : row.offset + row.n_frames])
-    return pd.concat(parts).reset_index(drop=True)
 
 
 def _run_killing(tmp_path: Path, overrides: list[str], kills: int, seed: int) -> list[int]:
@@ -154,7 +146,7 @@ def test_kill_and_resume_frames(tmp_path: Path) -> None:
     assert index["id"].is_unique and len(index) == 16
     shards = {p.name for p in (out / "frames").glob("shard-*.parquet")}
     assert shards == {Path(s).name for s in index["shard"]}  # no orphan shard left behind
-    a, b = _frames(out), _frames(tmp_path / "ref")
+    a, b = frames_by_id(out), frames_by_id(tmp_path / "ref")
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
@@ -210,7 +202,7 @@ def test_grown_corpus_keeps_finished_frames(make_cfg, tmp_path: Path) -> None:
     reference = extract(make_cfg(*overrides, out="ref"))
     assert grown.metrics["n_skipped_resumed"] == 3
     pd.testing.assert_frame_equal(
-        _frames(grown.output_dir), _frames(reference.output_dir), check_exact=True
+        frames_by_id(grown.output_dir), frames_by_id(reference.output_dir), check_exact=True
     )
 
 
@@ -266,8 +258,7 @@ def test_thirty_minute_recording(make_cfg, tmp_path: Path) -> None:
     )
     signal += 0.01 * rng.standard_normal(n).astype(np.float32)
     sf.write(root / "long.wav", signal, 16000, subtype="PCM_16")
-    from audio_models.testing import make_tiny
-    from tests.test_ecapa import make_tiny_ecapa
+    from audio_models.testing import make_tiny, make_tiny_ecapa
 
     # Learned models on tiny random weights: chunking keeps their memory bounded (the
     # per-extractor peak RSS at full size is in `python -m benchmarks.reliability`).
@@ -319,7 +310,7 @@ def test_out_of_memory_splits_the_batch(make_cfg) -> None:
     assert 8 in _OomBelowTwo.calls and 4 in _OomBelowTwo.calls and 2 in _OomBelowTwo.calls
     reference = extract(make_cfg("extractor=fbank", "loader.batch_size=2", out="ref"))
     pd.testing.assert_frame_equal(
-        _frames(result.output_dir), _frames(reference.output_dir), check_exact=True
+        frames_by_id(result.output_dir), frames_by_id(reference.output_dir), check_exact=True
     )
 
 

@@ -22,7 +22,7 @@ from audio_models.data.items import Item
 from audio_models.data.loader import Record, SamplerOrderLoader, collate
 from audio_models.utils.errors import UserError
 from runners.extract import extract
-from tests.test_config import EXTRACTORS
+from tests.conftest import EXTRACTORS
 
 META = ["id", "path", "start", "end", "duration_s", "sample_rate"]
 

@@ -325,7 +325,9 @@ def extract(
         index level. Transcribers: the transcripts, with ``attrs["segments"]`` and
         ``attrs["words"]``. ``attrs["failures"]`` holds the failure rows (a warning says how
         many), ``attrs["metrics"]`` the run's metrics, ``attrs["output_dir"]`` where the files
-        are (``None`` when they were temporary).
+        are (``None`` when they were temporary). Tables in ``attrs`` are lists of records
+        (``pd.DataFrame(df.attrs["failures"])``): pandas compares ``attrs`` when results are
+        concatenated, which a DataFrame cannot answer.
 
     Raises:
         UserError: a configuration mistake (unknown extractor or key, bad value, missing

@@ -93,8 +93,9 @@ class SslOutputConfig:
 @dataclass
 class SslConfig(SslOutputConfig):
     _target_: str = "audio_models.speech.ssl.SelfSupervisedExtractor"
-    name: str = "xlsr"
-    model: str = "facebook/wav2vec2-large-xlsr-53"
+    # Set by each conf/extractor YAML (xlsr, wav2vec2, hubert, wavlm): the one place they live.
+    name: str = MISSING
+    model: str = MISSING  # hub id or local directory
     revision: str | None = None
 
 

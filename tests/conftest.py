@@ -34,6 +34,20 @@ EXTRACTORS = {
 }
 
 
+# What the loader puts in a decoded record's meta, for tests that feed the writer directly.
+RECORD_META = {
+    "start": 0.0,
+    "end": 1.0,
+    "duration_s": 1.0,
+    "sample_rate": 16000,
+    "source_sample_rate": 16000,
+    "n_channels": 1,
+    "channel_policy": "mean",
+    "silence_ratio": 0.0,
+    "clipping_ratio": 0.0,
+}
+
+
 def frames_by_id(output_dir: Path) -> pd.DataFrame:
     """Every frame row of a finished frame-level run, ordered by item id, then frame."""
     frames = am.load(output_dir).frames()

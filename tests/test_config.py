@@ -154,3 +154,27 @@ def test_unknown_option_lists_the_valid_ones() -> None:
 def test_registering_a_name_twice_is_an_error() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_extractor("egemaps", OpenSmileConfig)
+
+
+def test_no_extractor_default_lives_in_two_places() -> None:
+    """A conf/extractor YAML sets only what differs from its schema's dataclass (and the
+    name): a default written in both would let the two drift apart."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    for path in sorted((CONF_DIR / "extractor").glob("*.yaml")):
+        schema = registered_extractors()[path.stem]
+        defaults = {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(schema)
+        }
+        written = OmegaConf.to_container(OmegaConf.load(path))
+        assert isinstance(written, dict)
+        required = "???"  # a required key's marker, not a default
+        repeated = [
+            key
+            for key, value in written.items()
+            if key not in {"defaults", "name"} and value != required and defaults.get(key) == value
+        ]
+        assert not repeated, f"{path.name} repeats its schema's defaults for {repeated}"

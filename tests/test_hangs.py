@@ -29,6 +29,7 @@ from audio_models.pipeline.store import PROGRESS, OutputStore
 from audio_models.pipeline.writer import ParquetFeatureWriter
 from benchmarks.reliability import voice
 from runners.extract import extract
+from tests.conftest import RECORD_META
 
 REPO = Path(__file__).resolve().parents[1]
 STUCK_S = 2.5  # the one clip of this length never finishes its transform
@@ -214,17 +215,7 @@ def test_a_failed_timed_commit_keeps_its_records_and_fails_the_run(tmp_path: Pat
         commit_rows=8,  # never reached: only the timer commits
         commit_every_s=0.2,
     )
-    meta = {
-        "start": 0.0,
-        "end": 1.0,
-        "duration_s": 1.0,
-        "sample_rate": 16000,
-        "source_sample_rate": 16000,
-        "n_channels": 1,
-        "channel_policy": "mean",
-        "silence_ratio": 0.0,
-        "clipping_ratio": 0.0,
-    }
+    meta = RECORD_META
     real_commit, calls = store.commit, []
 
     def full_disk(*args: object, **kwargs: object) -> None:

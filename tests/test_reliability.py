@@ -30,7 +30,7 @@ from audio_models.pipeline.writer import ParquetFeatureWriter
 from audio_models.utils.errors import UserError
 from benchmarks.reliability import build_bad_corpus, voice
 from runners.extract import extract
-from tests.conftest import frames_by_id
+from tests.conftest import RECORD_META, frames_by_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -430,17 +430,7 @@ def test_commits_gather_batches_for_commit_every_s(
         commit_rows=2,
         commit_every_s=every_s,
     )
-    meta = {
-        "start": 0.0,
-        "end": 1.0,
-        "duration_s": 1.0,
-        "sample_rate": 16000,
-        "source_sample_rate": 16000,
-        "n_channels": 1,
-        "channel_policy": "mean",
-        "silence_ratio": 0.0,
-        "clipping_ratio": 0.0,
-    }
+    meta = RECORD_META
     counts = []
     for start in range(0, 12, 2):
         batch = []

@@ -125,7 +125,11 @@ def _deadline(seconds: float | None, item_id: str) -> Iterator[None]:
     """Raise :class:`ItemTimeout` in this thread after ``seconds`` (SIGALRM; a loader worker
     runs items in its main thread, so does an in-process loader). Pure-Python work is
     interrupted at once; a native call returns first."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    if (
+        not seconds
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getitimer(signal.ITIMER_REAL)[0] > 0  # someone else's alarm: leave it be
+    ):
         yield
         return
 

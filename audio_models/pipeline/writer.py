@@ -283,9 +283,9 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 continue
             if record.failure is None and record.features is not None:
                 self._check_shape(record)
-            if record.failure is not None or (
-                record.features is None and record.transcript is None
-            ):
+            if record.failure is None and record.features is None and record.transcript is None:
+                record.failure = Failure("transform", "NoOutput", "extractor returned nothing")
+            if record.failure is not None:
                 failures.append(record)
             else:
                 done.append(record)
@@ -317,12 +317,10 @@ class ParquetFeatureWriter(BasePredictionWriter):
         timer = threading.current_thread() is self._timer
         for record in failures:
             failure = record.failure
-            stage, error_type, message = (
-                (failure.stage, failure.error_type, failure.message)
-                if failure is not None
-                else ("transform", "NoOutput", "extractor returned nothing")
+            assert failure is not None  # _flush and record_crashes set one on every failure
+            text = (
+                f"{record.item.id}: {failure.stage} failed: {failure.error_type}: {failure.message}"
             )
-            text = f"{record.item.id}: {stage} failed: {error_type}: {message}"
             if timer:
                 log.warning(text)
             else:
@@ -352,12 +350,15 @@ class ParquetFeatureWriter(BasePredictionWriter):
         rows: dict[str, list[Any]] = {name: [] for name in FAILURE_SCHEMA.names}
         for record in records:
             failure = record.failure
-            stage, error_type, message = (
-                (failure.stage, failure.error_type, failure.message)
-                if failure is not None
-                else ("transform", "NoOutput", "extractor returned nothing")
+            assert failure is not None  # _flush and record_crashes set one on every failure
+            values = (
+                record.item.id,
+                record.item.path,
+                failure.stage,
+                failure.error_type,
+                failure.message,
+                record.key,
             )
-            values = (record.item.id, record.item.path, stage, error_type, message, record.key)
             for key, value in zip(FAILURE_SCHEMA.names, values, strict=True):
                 rows[key].append(value)
         return pa.table(rows, schema=FAILURE_SCHEMA)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
@@ -141,8 +142,12 @@ def test_failures_are_returned_and_warned(corpus: Path, tmp_path: Path) -> None:
     failures = pd.DataFrame(df.attrs["failures"])
     assert failures["path"].tolist() == [str(bad)] and failures["stage"].tolist() == ["decode"]
     with pytest.warns(UserWarning, match="1 of 1 items failed"):
-        none = am.extract([str(bad)], "egemaps", num_workers=0, device="cpu")
+        none = am.extract(
+            [str(bad)], "egemaps", num_workers=0, device="cpu", output_dir=tmp_path / "none"
+        )
     assert none.empty and none.index.names == ["file", "start", "end"]
+    # Every item failed, and the run still has its (empty) table beside the failures.
+    assert pq.read_metadata(tmp_path / "none" / "features.parquet").num_rows == 0
     # Results concatenate (attrs hold plain records, which pandas can compare).
     both = pd.concat([df, am.extract([str(corpus / "b.wav")], "egemaps", num_workers=0)])
     assert len(both) == 2

@@ -432,8 +432,11 @@ class OutputStore:
         row_group_rows: int,
         run_id: str | None,
         feature_columns: list[str] | None = None,
+        empty_main: pa.Schema | None = None,
     ) -> None:
         """Consolidate the parts into the final files and drop the progress folder.
+        ``empty_main`` is written as the main table when no item succeeded, so a run whose
+        every item failed still has its table (no rows) for readers to open.
         ``feature_columns`` are recorded in the files' metadata, so readers never mistake a
         numeric label column for a feature."""
         metadata = {HASH_KEY: self.config_hash.encode(), RUN_KEY: (run_id or "").encode()}
@@ -456,6 +459,10 @@ class OutputStore:
             if "shard" in pq.read_schema(features).names:  # frame-level: write the index
                 index = pq.read_table(features, columns=INDEX_COLUMNS)
                 _atomic_write(index, self.frames / "index.parquet")
+        elif empty_main is not None:
+            # No feature columns without a row to take their shape from: it names none.
+            empty = {**metadata, FEATURES_KEY: b"[]"} if feature_columns is not None else metadata
+            _atomic_write(empty_main.empty_table().replace_schema_metadata(empty), features)
         if fails:
             _concat(
                 list(fails.values()),

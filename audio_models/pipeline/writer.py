@@ -200,7 +200,18 @@ class ParquetFeatureWriter(BasePredictionWriter):
             row_group_rows=self.row_group_rows,
             run_id=self.run_id,
             feature_columns=self.feature_columns,
+            empty_main=self._empty_main(),
         )
+
+    def _empty_main(self) -> pa.Schema:
+        """The main table's columns that do not depend on an output's shape: metadata,
+        labels, text columns (transcripts: text, language, scores)."""
+        fields = [*META_SCHEMA, *self.labels]
+        fields += [pa.field(name, pa.string()) for name in self.extra_columns]
+        if self.kind == OutputKind.TRANSCRIPT:
+            fields += [pa.field(name, pa.string()) for name in TRANSCRIPT_COLUMNS]
+            fields += [pa.field(name, pa.float64()) for name in self.feature_names or []]
+        return pa.schema(fields)
 
     @property
     def feature_columns(self) -> list[str] | None:

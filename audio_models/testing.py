@@ -44,14 +44,20 @@ def make_tiny(folder: Path, family: str = "wav2vec2-group") -> Path:
     torch.manual_seed(0)
     config = cls(**TINY, feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
     AutoModel.from_config(config).save_pretrained(folder)
+    _save_feature_extractor(folder, attention_mask=norm == "layer")
+    return folder
+
+
+def _save_feature_extractor(folder: Path, *, attention_mask: bool) -> None:
+    # wav2vec2's input contract: 16 kHz, normalised; layer-norm models take an attention
+    # mask, group-norm ones must not (they see padding as signal).
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=16000,
         padding_value=0.0,
         do_normalize=True,
-        return_attention_mask=norm == "layer",
+        return_attention_mask=attention_mask,
     ).save_pretrained(folder)
-    return folder
 
 
 SIZES = {
@@ -144,12 +150,7 @@ def save_random_ecapa(folder: Path, **sizes: int) -> Path:
 def save_random_model(folder: Path, size: str) -> Path:
     torch.manual_seed(0)
     Wav2Vec2Model(Wav2Vec2Config(**SIZES[size])).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1,
-        sampling_rate=16000,
-        do_normalize=True,
-        return_attention_mask=size == "large",
-    ).save_pretrained(folder)
+    _save_feature_extractor(folder, attention_mask=size == "large")
     return folder
 
 

@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,11 @@ from audio_models.utils.paths import default_cache_dir
 from audio_models.utils.provenance import fingerprint_files
 
 AUDIO_PATTERNS: tuple[str, ...] = ("**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3")
+# Declarable label types (dataset.label_types); undeclared labels are text.
+_LABEL_TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+# A segment bound written as one of these is the file's own start or end, as an empty cell is
+# (pandas read them as missing before bounds were read as text).
+_EMPTY_BOUNDS = frozenset({"", "na", "n/a", "nan", "null", "none"})
 # Columns of features.parquet that a label column must not shadow.
 RESERVED_COLUMNS = frozenset(
     {"id", "path", "start", "end", "duration_s", "sample_rate", "source_sample_rate", "n_channels"}
@@ -162,7 +167,9 @@ class FolderDataset(AudioDataset):
             if self.label_regex is not None:
                 names = list(self.label_regex.groupindex)
                 match = self.label_regex.search(rel)
-                labels = {k: (match.group(k) if match else None) for k in names}
+                # The matched text as is ("09" stays "09"); an empty match is no label, as an
+                # empty manifest cell is.
+                labels = {k: ((match.group(k) or None) if match else None) for k in names}
             labels = _check_labels(labels, rel)
             items.append(Item(id=rel, path=os.path.abspath(path), labels=labels))
         return items
@@ -180,6 +187,12 @@ class ManifestDataset(AudioDataset):
         label_columns: columns to carry into the outputs; default: every other column.
         label_column: the primary label (what a probe predicts).
         text_column: the reference transcript (a transcription run logs WER against it).
+        label_types: column → ``"int"``, ``"float"`` or ``"str"`` for label columns that are
+            numbers; every other label is kept as the text written in the file.
+
+    Labels are data: a cell's characters are kept exactly (``09``, ``007``, ``1e3`` and ``NA``
+    stay those strings; JSONL numbers keep the digits as written), and an empty cell (or a JSON
+    ``null`` or missing key) is a missing label, ``None``, never the string ``"nan"``.
     """
 
     def __init__(
@@ -194,6 +207,7 @@ class ManifestDataset(AudioDataset):
         label_columns: Sequence[str] | None = None,
         label_column: str | None = None,
         text_column: str | None = None,
+        label_types: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(name=name, label_column=label_column, text_column=text_column)
         self.path = Path(path).expanduser()
@@ -202,6 +216,12 @@ class ManifestDataset(AudioDataset):
         self.start_column = start_column
         self.end_column = end_column
         self.wanted_labels = list(label_columns) if label_columns is not None else None
+        self.label_types = dict(label_types or {})
+        unknown = {k: v for k, v in self.label_types.items() if v not in _LABEL_TYPES}
+        if unknown:
+            raise UserError(
+                f"dataset.label_types {unknown}: a label type is one of {sorted(_LABEL_TYPES)}"
+            )
 
     def describe(self) -> str:
         return f"manifest={self.path}"
@@ -210,13 +230,38 @@ class ManifestDataset(AudioDataset):
         if not self.path.is_file():
             raise UserError(f"manifest {str(self.path)!r} does not exist")
         suffix = self.path.suffix.lower()
+        if suffix in {".jsonl", ".ndjson"}:
+            return self._read_jsonl()
+        sep = "\t" if suffix in {".tsv", ".tab"} else ","
         try:
-            if suffix in {".jsonl", ".ndjson"}:
-                return pd.read_json(self.path, lines=True, dtype=False)
-            sep = "\t" if suffix in {".tsv", ".tab"} else ","
-            return pd.read_csv(self.path, sep=sep, keep_default_na=True)
+            # Every cell as the text in the file: pandas' type inference turned a speaker "09"
+            # into the integer 9 and "NA" into NaN. Empty cells stay "" here (missing later).
+            return pd.read_csv(self.path, sep=sep, dtype=str, keep_default_na=False)
         except (ValueError, pd.errors.ParserError) as exc:
             raise UserError(f"cannot parse manifest {str(self.path)!r}: {exc}") from None
+
+    def _read_jsonl(self) -> pd.DataFrame:
+        rows = []
+        with self.path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    # Numbers as the digits written (1e3 stays "1e3", 007 is not JSON anyway);
+                    # a declared label type converts them later.
+                    row = json.loads(line, parse_int=str, parse_float=str, parse_constant=str)
+                except ValueError as exc:
+                    raise UserError(
+                        f"cannot parse manifest {str(self.path)!r} line {number}: {exc}"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise UserError(
+                        f"manifest {str(self.path)!r} line {number} is not a JSON object"
+                    )
+                rows.append({k: _json_text(v) for k, v in row.items()})
+        # object dtype: no column is coerced; a key absent from a row reads as None.
+        frame = pd.DataFrame(rows, dtype=object)
+        return frame.astype(object).where(frame.notna(), None)
 
     def _load(self) -> list[Item]:
         frame = self._read()
@@ -254,7 +299,10 @@ class ManifestDataset(AudioDataset):
                 item_id = raw
             else:
                 item_id = segment_id(raw, start, end)
-            labels = {c: _plain(row.get(c)) for c in label_cols}
+            labels = {
+                c: _label(row.get(c), self.label_types.get(c), f"{where}, column {c!r}")
+                for c in label_cols
+            }
             items.append(
                 Item(
                     id=item_id,
@@ -274,15 +322,41 @@ def _seconds(value: Any, where: str) -> float | None:
     Raises:
         UserError: not a finite, non-negative number (names the row and column).
     """
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    if isinstance(value, str) and value.strip().lower() in _EMPTY_BOUNDS:
         return None
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         raise UserError(f"{where}: {value!r} is not a number of seconds") from None
     if not math.isfinite(seconds) or seconds < 0:
-        raise UserError(f"{where}: {value!r} is not a non-negative number of seconds")
+        raise UserError(f"{where}: {value} is not a non-negative number of seconds")
     return seconds
+
+
+def _json_text(value: Any) -> Any:
+    """A JSON scalar as text (``true`` as written, not Python's ``True``); null stays None."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def _label(value: Any, declared: str | None, where: str) -> Any:
+    """A label as written, or converted to its declared type; empty → ``None``.
+
+    Raises:
+        UserError: the text is not a value of the declared type (names the row and column).
+    """
+    value = _plain(value)
+    if value is None or value == "":
+        return None
+    if declared is None or declared == "str" or not isinstance(value, str):
+        return value
+    try:
+        return _LABEL_TYPES[declared](value)
+    except ValueError:
+        raise UserError(f"{where}: {value!r} is not {declared} (dataset.label_types)") from None
 
 
 def _plain(value: Any) -> Any:
@@ -318,7 +392,12 @@ class DemoDataset(ManifestDataset):
         self.root = Path(root).expanduser() if root else default_cache_dir() / "demo"
         self.n_clips = n_clips
         self.seed = seed
-        super().__init__(name=name, path=str(self.root / "labels.csv"), label_column=label_column)
+        super().__init__(
+            name=name,
+            path=str(self.root / "labels.csv"),
+            label_column=label_column,
+            label_types={"f0_hz": "float"},  # a measurement, not a code
+        )
 
     def _load(self) -> list[Item]:
         ensure_demo_corpus(self.root, n_clips=self.n_clips, seed=self.seed)

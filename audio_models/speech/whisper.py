@@ -40,6 +40,11 @@ from audio_models.utils.provenance import sha256_file
 log = logging.getLogger(__name__)
 
 VAD_METHODS = ("pyannote", "silero")
+#: The way out of every missing-aligner error: another aligner, or none.
+_NO_ALIGNER = (
+    "or set extractor.align_model to a local Wav2Vec2ForCTC directory, or set "
+    "extractor.align=false (transcripts and segments without word times)"
+)
 #: Files an untrained Punkt model needs in ``tokenizers/punkt_tab/<language>/``.
 _PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 
@@ -105,6 +110,43 @@ def _whisper_folder(model: str, revision: str | None, download_root: str | None)
         ) from None
 
 
+#: OpenAI's multilingual Whisper vocabularies have 51865 tokens (large-v3: 51866), the
+#: English-only ones 51864; CTranslate2 tells the two kinds apart by the vocabulary.
+_MULTILINGUAL_VOCABULARY = 51865
+
+
+def _vocabulary_size(folder: Path) -> int | None:
+    """Tokens in a CTranslate2 model's vocabulary file (``None``: no such file)."""
+    import json
+
+    if (folder / "vocabulary.json").is_file():
+        return len(json.loads((folder / "vocabulary.json").read_text(encoding="utf-8")))
+    if (folder / "vocabulary.txt").is_file():
+        with (folder / "vocabulary.txt").open(encoding="utf-8") as lines:
+            return sum(1 for _ in lines)
+    return None
+
+
+def english_only(model: str, folder: Path) -> bool:
+    """Whether a Whisper model is English-only (faster-whisper's ``is_multilingual`` false).
+
+    A vocabulary of a multilingual Whisper's size says not; ``.en`` in its name (``tiny.en``,
+    ``Systran/faster-whisper-small.en``, its folder or hub cache folder) says so. Anything else
+    (a converted model in a folder of any name, such as a packaged ``tiny.en``) is asked of
+    CTranslate2 itself, which reads the weights once on the CPU: only models with a vocabulary
+    smaller than a multilingual one's get there, and those are small.
+    """
+    size = _vocabulary_size(folder)
+    if size is None or size >= _MULTILINGUAL_VOCABULARY:
+        return False
+    names = [model, folder.name, *(part for part in folder.parts if part.startswith("models--"))]
+    if any(name.rstrip("/").endswith(".en") for name in names):
+        return True
+    import ctranslate2
+
+    return not ctranslate2.models.Whisper(str(folder), device="cpu").is_multilingual
+
+
 def _align_model_name(language: str, align_model: str | None) -> str:
     from whisperx.alignment import DEFAULT_ALIGN_MODELS_HF, DEFAULT_ALIGN_MODELS_TORCH
 
@@ -115,7 +157,7 @@ def _align_model_name(language: str, align_model: str | None) -> str:
         raise UserError(
             f"whisperX has no default alignment model for language {language!r}: set "
             "extractor.align_model to a wav2vec2 CTC model (hub id or local directory), or "
-            "extractor.align=false"
+            "extractor.align=false (transcripts and segments without word times)"
         )
     return name
 
@@ -127,13 +169,13 @@ def _check_torchaudio_bundle(name: str, model_dir: str | None) -> None:
     bundle = torchaudio.pipelines.__dict__[name]
     folder = Path(model_dir) if model_dir else Path(torch.hub.get_dir()) / "checkpoints"
     weights = folder / Path(bundle._path).name
-    if hub_offline() and not weights.is_file():
+    if not weights.is_file() and hub_offline():
         raise UserError(
             f"alignment model {name} (a torchaudio bundle) is not downloaded: {weights} is "
-            f"missing and HF_HUB_OFFLINE is set. Download it where there is network "
-            f'(python -c "import torchaudio; torchaudio.pipelines.{name}.get_model()") and '
-            "copy the file there (or set extractor.align_model_dir), or set "
-            "extractor.align_model to a local Wav2Vec2ForCTC directory"
+            f"missing and there is no network (or HF_HUB_OFFLINE is set). Download it where "
+            f'there is network (python -c "import torchaudio; '
+            f'torchaudio.pipelines.{name}.get_model()") and copy the file there (or set '
+            f"extractor.align_model_dir), {_NO_ALIGNER}"
         )
 
 
@@ -223,6 +265,22 @@ class WhisperXExtractor(Extractor):
                     f"then export {hf_token_env}=hf_…); it is read from there and never logged"
                 )
         self.folder = _whisper_folder(model, revision, download_root)
+        english = language is None and english_only(model, self.folder)
+        if language not in (None, "en") and english_only(model, self.folder):
+            raise UserError(
+                f"extractor.model={model!r} is an English-only Whisper model: set "
+                f"extractor.language=en (or null), not {language!r}, or use a multilingual model"
+            )
+        if english:
+            # whisperX's per-file language detection refuses English-only models (every item
+            # would fail after the model loaded); faster-whisper's own transcribe takes such a
+            # model as English, and so does this run, saying so.
+            language = "en"
+            log.warning(
+                "extractor.model=%r is an English-only Whisper model: extractor.language=null "
+                "runs as English (language detection needs a multilingual model)",
+                model,
+            )
         self.compute_type = compute_type
         self.batch_size = batch_size
         self.language = language
@@ -249,6 +307,9 @@ class WhisperXExtractor(Extractor):
             "whisperx.model_sha256": sha256_file(self.folder / "model.bin"),
             "whisperx.vad": vad_method,
         }
+        if english:
+            # Only then: the tag (part of the settings hash) of every other run stays as it was.
+            self._provenance["whisperx.language"] = "en (English-only model, language=null)"
         if vad_method == "pyannote":
             import whisperx
 
@@ -326,17 +387,20 @@ class WhisperXExtractor(Extractor):
                 try_to_load_from_cache(name, "config.json", cache_dir=self.align_model_dir), str
             ):
                 raise UserError(
-                    f"alignment model {name!r} is not in the hub cache and HF_HUB_OFFLINE is "
-                    f"set: download it where there is network (huggingface-cli download {name}) "
-                    "or set extractor.align_model to a local Wav2Vec2ForCTC directory"
+                    f"alignment model {name!r} is not in the hub cache and there is no network "
+                    f"(or HF_HUB_OFFLINE is set): download it where there is network "
+                    f"(huggingface-cli download {name}), {_NO_ALIGNER}"
                 )
         try:
             model, metadata = whisperx.load_align_model(
                 language, str(self._device), model_name=name, model_dir=self.align_model_dir
             )
         except Exception as exc:
+            # A download that failed (urlopen error …) needs the same way out as offline.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
-                f"cannot load alignment model {name!r} for {language!r}: {exc}"
+                f"cannot load alignment model {name!r} for {language!r}: {first}. Without "
+                f"network access, download it first, {_NO_ALIGNER}"
             ) from None
         self._aligners[language] = (model.eval(), metadata)
         self._provenance[f"whisperx.align_model.{language}"] = name

@@ -6,8 +6,11 @@ Importing this module registers them (the runner imports it before composing).
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
@@ -363,3 +366,37 @@ def build(cfg: DictConfig, key: str) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         raise UserError(f"{key}: {cause}") from None
+
+
+_Task = TypeVar("_Task", bound=Callable[..., Any])
+_task_started: list[bool] = []  # set once a runner's task body runs (see run_cli)
+
+
+def task(function: _Task) -> _Task:
+    """Mark a runner's Hydra task function, so :func:`run_cli` can tell a configuration that
+    failed to compose (the task never ran) from a failure inside the task.
+
+    Apply it below ``@hydra.main``.
+    """
+
+    @functools.wraps(function)
+    def started(*args: Any, **kwargs: Any) -> Any:
+        _task_started.append(True)
+        return function(*args, **kwargs)
+
+    return started  # type: ignore[return-value]
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` entry point with the project's exit codes.
+
+    Hydra reports an unknown option, a misspelt key or a bad value with its own message and
+    exit code 1, the code of a crash; here such a composition error exits 2, like every other
+    configuration error the runners report (``error: ...``, exit 2).
+    """
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code == 1 and not _task_started:
+            sys.exit(2)
+        raise

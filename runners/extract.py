@@ -22,39 +22,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from audio_models.audio.io import CHANNEL_POLICIES, RESAMPLER
-from audio_models.config import build
-from audio_models.data.datasets import AudioDataset
-from audio_models.data.items import Item
-from audio_models.data.loader import ExtractionDataModule, Preflight
-from audio_models.evaluation import word_error_rate
-from audio_models.extractor import Extractor, OutputKind
-from audio_models.pipeline.device import DeviceSpec, is_launch_rank_zero, use_onednn_linears
-from audio_models.pipeline.module import ExtractionModule
-from audio_models.pipeline.progress import ThroughputProgressBar
-from audio_models.pipeline.store import TRANSCRIPT_TABLES, OutputStore
-from audio_models.pipeline.writer import ParquetFeatureWriter
+# Only what checking a configuration and listing a dataset need is imported here: torch,
+# Lightning (with torchmetrics behind it) and the extractors' libraries are imported by the
+# steps that use them, so a typo or a missing dataset root is reported in about a second.
+from audio_models.audio import CHANNEL_POLICIES
+from audio_models.config import build, run_cli, task
+from audio_models.pipeline.device import DeviceSpec, is_launch_rank_zero
 from audio_models.sweep import current_job
 from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
-from audio_models.utils.provenance import git_state, package_versions
-from audio_models.utils.repos import (
-    provenance_tags,
-    read_requirements,
-    requirements_path,
-    resolve,
-    uncommitted_diff,
-)
+
+if TYPE_CHECKING:
+    from audio_models.data.datasets import AudioDataset
+    from audio_models.data.items import Item
+    from audio_models.data.loader import Preflight
+    from audio_models.extractor import Extractor
+    from audio_models.pipeline.store import OutputStore
 
 log = logging.getLogger("runners.extract")
 
@@ -102,6 +92,9 @@ def settings_hash(cfg: DictConfig, extractor: Extractor) -> str:
 
 def _totals(store: OutputStore) -> tuple[int, int, float]:
     """Items written, items failed and audio seconds in the final outputs (all invocations)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     features, failures = store.final_files
     written = audio = 0
     if features.exists():
@@ -114,6 +107,10 @@ def _totals(store: OutputStore) -> tuple[int, int, float]:
 def _wer_metrics(transcripts: Path, text_column: str) -> dict[str, float]:
     """WER of the written transcripts against the dataset's reference column (items without
     a reference are left out; failed items have no transcript and are not counted)."""
+    import pyarrow.parquet as pq
+
+    from audio_models.evaluation import word_error_rate
+
     if not transcripts.exists():
         return {}
     table = pq.read_table(transcripts, columns=["text", text_column]).to_pylist()
@@ -122,6 +119,16 @@ def _wer_metrics(transcripts: Path, text_column: str) -> dict[str, float]:
         return {}
     score = word_error_rate([str(r) for r, _ in pairs], [h or "" for _, h in pairs])
     return {"wer": score.wer, "wer_ref_words": float(score.n_ref_words), "wer_items": len(pairs)}
+
+
+@dataclass
+class _Checked:
+    """What :func:`_check` made from the config: everything but the extractor."""
+
+    tracker: NullTracker
+    dataset: AudioDataset
+    items: list[Item]
+    device: DeviceSpec
 
 
 @dataclass
@@ -172,22 +179,13 @@ def _interruptible() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def _build_parts(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _Parts:
-    """Build step: check the config and list the dataset, then build the extractor."""
+def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _Checked:
+    """Check step, before torch or any weights: the loader and device settings, the dataset
+    (listed and checked: a missing root, manifest or path column fails here) and the tracking
+    server (an unreachable one stops the run before a model loads)."""
     if cfg.loader.channel_policy not in CHANNEL_POLICIES:
         raise UserError(f"loader.channel_policy must be one of {CHANNEL_POLICIES}")
-    # Ranks > 0 of a distributed run neither log to MLflow nor clean the output directory:
-    # rank 0 does, before the others start, and merges their outputs at the end.
-    # The tracker first: an unreachable tracking server stops the run before models load.
-    tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
-    if dataset is None:
-        dataset = build(cfg, "dataset")
-    # Listed before the extractor is built: a missing root or a bad manifest is reported
-    # before any model weights load.
-    items = dataset.items
-    extractor: Extractor = build(cfg, "extractor")
     device: DeviceSpec = build(cfg, "device")
-    device.check_available()
     if (
         device.distributed
         and current_job() is not None
@@ -199,13 +197,45 @@ def _build_parts(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool)
             "device=ddp in a local -m sweep is not supported: run each configuration as its own "
             "command, or sweep with hydra/launcher=slurm and tasks_per_node=device.devices"
         )
+    if dataset is None:
+        dataset = build(cfg, "dataset")
+    items = dataset.items
+    device.check_available()  # imports torch only where a GPU driver is present
+    # Ranks > 0 of a distributed run neither log to MLflow nor clean the output directory:
+    # rank 0 does, before the others start, and merges their outputs at the end.
+    tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
+    return _Checked(tracker, dataset, items, device)
+
+
+def _build_parts(cfg: DictConfig, checked: _Checked) -> _Parts:
+    """Build step: the extractor (its weights load here), preflight and the upstream
+    checkouts it reads."""
+    import lightning as L
+
+    from audio_models.utils.repos import read_requirements, resolve
+
+    L.seed_everything(cfg.seed, verbose=False)
+    extractor: Extractor = build(cfg, "extractor")
     preflight: Preflight = build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing
-    return _Parts(tracker, extractor, dataset, items, device, preflight, used, upstreams)
+    return _Parts(
+        checked.tracker,
+        extractor,
+        checked.dataset,
+        checked.items,
+        checked.device,
+        preflight,
+        used,
+        upstreams,
+    )
 
 
 def _run_tags(parts: _Parts, config_hash: str, linear_backend: str) -> dict[str, str]:
+    from audio_models.audio.io import RESAMPLER
+    from audio_models.utils.provenance import git_state, package_versions
+    from audio_models.utils.repos import provenance_tags
+
     commit, dirty = git_state()
     tags = {
         "extractor": parts.extractor.name,
@@ -239,8 +269,9 @@ def extract(
     """Run one extraction as configured; see ``conf/extract.yaml``.
 
     A rerun with the same settings and ``output_dir`` resumes: committed items are skipped.
-    The steps: build (config, dataset listing, extractor), plan (output store, writer,
-    loader, tags), run (Lightning's predict loop), report (metrics, files, MLflow).
+    The steps: check (config, dataset listing, tracking server; no torch), build (the
+    extractor and its weights), plan (output store, writer, loader, tags), run (Lightning's
+    predict loop), report (metrics, files, MLflow).
 
     Args:
         cfg: the composed configuration.
@@ -250,9 +281,11 @@ def extract(
     Raises:
         UserError: for configuration or dataset problems, before any work starts.
     """
-    L.seed_everything(cfg.seed, verbose=False)
     rank_zero = is_launch_rank_zero()
-    parts = _build_parts(cfg, dataset, rank_zero)
+    parts = _build_parts(cfg, _check(cfg, dataset, rank_zero))
+    from audio_models.extractor import OutputKind  # imported by the build step already
+    from audio_models.pipeline.store import TRANSCRIPT_TABLES, OutputStore
+
     extractor = parts.extractor
     config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
@@ -279,6 +312,16 @@ def _plan_run_report(
     config_hash: str,
     overrides: list[str] | None,
 ) -> ExtractionResult:
+    import lightning as L
+
+    from audio_models.data.loader import ExtractionDataModule
+    from audio_models.extractor import OutputKind
+    from audio_models.pipeline.module import ExtractionModule
+    from audio_models.pipeline.onednn import use_onednn_linears
+    from audio_models.pipeline.progress import ThroughputProgressBar
+    from audio_models.pipeline.writer import ParquetFeatureWriter
+    from audio_models.utils.repos import requirements_path, uncommitted_diff
+
     extractor, items, tracker, device = parts.extractor, parts.items, parts.tracker, parts.device
     output_dir = store.output_dir
     # -- plan ------------------------------------------------------------------------------
@@ -439,6 +482,7 @@ def _plan_run_report(
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="extract")
+@task
 def main(cfg: DictConfig) -> None:
     job = current_job()
     try:
@@ -478,4 +522,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 from sklearn.model_selection import cross_val_predict
 
 from audio_models.audio.librosa_features import LibrosaExtractor
-from audio_models.config import ExtractConfig, build
+from audio_models.config import ExtractConfig, build, run_cli, task
 from audio_models.evaluation import splitter
 from audio_models.speech.ser import load_classifier, sha256_bytes
 from audio_models.tracking import NullTracker, flatten, redact
@@ -202,6 +202,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train_ser")
+@task
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
@@ -211,4 +212,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

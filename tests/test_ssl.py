@@ -309,7 +309,7 @@ def pq_schema(path: Path):
 def test_onednn_linears_match_the_stock_model(tmp_path: Path) -> None:
     import copy
 
-    from audio_models.pipeline.device import OneDnnLinear, use_onednn_linears
+    from audio_models.pipeline.onednn import OneDnnLinear, use_onednn_linears
 
     model = AutoModel.from_pretrained(make_tiny(tmp_path / "m", "wav2vec2-layer")).eval()
     fast = copy.deepcopy(model)

@@ -6,17 +6,14 @@ import math
 import os
 import stat
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from audio_models.audio import CHANNEL_POLICIES, ChannelPolicy
 from audio_models.utils.errors import ExtractionError
-
-ChannelPolicy = Literal["mean", "first"]
-CHANNEL_POLICIES: tuple[str, ...] = ("mean", "first")
 
 # torchaudio's band-limited sinc resampler with its defaults, spelled out so that the
 # run records exactly which filter produced the numbers.

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import lfilter
 
 DEMO_VERSION = 1
 SAMPLE_RATE = 16000
@@ -25,6 +24,8 @@ _CLASSES = {"low": (110.0, 0.25), "high": (220.0, 0.6)}  # (mean f0, peak amplit
 
 
 def _resonator(signal: np.ndarray, freq: float, bandwidth: float, sr: int) -> np.ndarray:
+    from scipy.signal import lfilter  # scipy.signal costs seconds; only a first demo run pays
+
     r = np.exp(-np.pi * bandwidth / sr)
     theta = 2 * np.pi * freq / sr
     a = [1.0, -2 * r * np.cos(theta), r * r]

@@ -1,13 +1,36 @@
-"""Where the batched work runs."""
+"""Where the batched work runs.
+
+Nothing here imports torch at module level: the runner checks the device part of a
+configuration (and a ``device=cuda`` on a machine without a GPU driver) before paying for it.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from audio_models.utils.errors import UserError
+
+_NO_CUDA = "device=cuda but no CUDA device is visible; use device=cpu or device=auto"
+# Device nodes and the procfs entry a loaded GPU kernel driver provides (NVIDIA; ROCm's kfd,
+# which PyTorch's ROCm build also reports as "cuda").
+_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+
+
+def gpu_driver_absent() -> str | None:
+    """Why CUDA certainly cannot work here, judged without importing torch; None when it may.
+
+    A hidden device list (``CUDA_VISIBLE_DEVICES`` empty or ``-1``) or no GPU kernel driver at
+    all is certain; anything else is left to ``torch.cuda.is_available()``.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in {"", "-1"}:
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every device"
+    if not any(Path(p).exists() for p in _DRIVER_PATHS):
+        return "no GPU driver is loaded (" + ", ".join(_DRIVER_PATHS) + " are absent)"
+    return None
+
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
@@ -47,15 +70,28 @@ class DeviceSpec:
     @property
     def resolved_accelerator(self) -> str:
         if self.accelerator == "auto":
+            if gpu_driver_absent() is not None:
+                return "cpu"
+            import torch
+
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.accelerator
 
     def check_available(self) -> None:
-        """Raise a one-line error when CUDA is asked for but absent (before any work)."""
-        if self.accelerator == "cuda" and not torch.cuda.is_available():
-            raise UserError(
-                "device=cuda but no CUDA device is visible; use device=cpu or device=auto"
-            )
+        """Raise a one-line error when CUDA is asked for but absent (before any work).
+
+        Where the driver is missing this answers without importing torch; otherwise torch
+        decides (its import is the first thing a CUDA run pays for anyway).
+        """
+        if self.accelerator != "cuda":
+            return
+        reason = gpu_driver_absent()
+        if reason is not None:
+            raise UserError(f"{_NO_CUDA} ({reason})")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(_NO_CUDA)
 
     @property
     def distributed(self) -> bool:
@@ -86,57 +122,3 @@ def is_launch_rank_zero() -> bool:
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         return int(env["SLURM_PROCID"]) == 0
     return int(env.get("LOCAL_RANK", "0")) == 0 and int(env.get("NODE_RANK", "0")) == 0
-
-
-class OneDnnLinear(torch.nn.Linear):
-    """``nn.Linear`` whose fp32 CPU matmuls go through oneDNN with a prepacked weight.
-
-    PyTorch sends fp32 ``F.linear`` on the CPU to MKL's sgemm, which on AMD processors runs a
-    generic code path: on this project's EPYC (AVX-512) machines it reaches ~190 GFLOP/s where
-    oneDNN's packed kernels reach ~470 for the shapes of a speech transformer. Same fp32 math,
-    another summation order (differences around 1e-6 relative). Anything else — CUDA tensors,
-    autocast, other dtypes, gradients — takes the stock path.
-    """
-
-    _packed: tuple[int, int, torch.Tensor] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or self.weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")
-            or torch.is_grad_enabled()
-        ):
-            return super().forward(x)
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[:2] != key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1024)
-            self._packed = (*key, packed)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed[2], self.bias, "none", [], "")
-
-
-def onednn_available() -> bool:
-    """Whether this torch build has the oneDNN linear kernels (and they run here)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x, w = torch.ones(2, 4), torch.ones(3, 4)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
-        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return bool(torch.equal(out, torch.full((2, 3), 4.0)))
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def use_onednn_linears(module: torch.nn.Module) -> int:
-    """Turn every plain ``nn.Linear`` inside ``module`` into a :class:`OneDnnLinear` (in place,
-    keeping the parameters); returns how many. No-op where oneDNN is unavailable."""
-    if not onednn_available():
-        return 0
-    count = 0
-    for child in module.modules():
-        if type(child) is torch.nn.Linear:
-            child.__class__ = OneDnnLinear
-            count += 1
-    return count

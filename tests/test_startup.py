@@ -1,0 +1,101 @@
+"""Fail fast: configuration errors are reported before torch is imported.
+
+Each command runs in a subprocess under ``python -X importtime``, whose report lists every
+module the process imported; a configuration error must exit 2 with its one line without
+``torch`` (or Lightning, or an extractor's library) in that list.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audio_models.pipeline.device import gpu_driver_absent
+
+HEAVY = ("torch", "lightning", "torchmetrics", "transformers", "opensmile", "sklearn")
+
+
+def _imported(stderr: str) -> set[str]:
+    return set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.MULTILINE))
+
+
+def _run(tmp_path: Path, runner: str, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    command = [sys.executable, "-X", "importtime", "-m", runner, *args]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    report = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("import time:"))
+    message = "\n".join(
+        line for line in proc.stderr.splitlines() if not line.startswith("import time:")
+    )
+    heavy = {m for m in _imported(report) if m.split(".")[0] in HEAVY}
+    assert not heavy, f"imported before the error: {sorted(heavy)[:8]}"
+    return proc, message
+
+
+def _setup(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "corpus").mkdir()
+    no_path = tmp_path / "no_path.csv"
+    no_path.write_text("file,label\na.wav,x\n")
+    return {"corpus": str(tmp_path / "corpus"), "no_path": str(no_path)}
+
+
+CASES: dict[str, tuple[list[str], str]] = {
+    "typo in an option": (["extractor=egemapz"], "Could not find 'extractor/egemapz'"),
+    "unknown key": (["loader.batchsize=4"], "Could not override 'loader.batchsize'"),
+    "bad value": (["loader.batch_size=abc"], "could not be converted to Integer"),
+    "missing dataset root": (
+        ["dataset=folder", "dataset.root={tmp}/nope"],
+        "error: dataset root '{tmp}/nope' does not exist",
+    ),
+    "missing manifest": (
+        ["dataset=manifest", "dataset.path={tmp}/missing.csv"],
+        "error: manifest '{tmp}/missing.csv' does not exist",
+    ),
+    "manifest without its path column": (
+        ["dataset=manifest", "dataset.path={no_path}"],
+        "no path column 'path'",
+    ),
+    "label_regex without groups": (
+        ["dataset=folder", "dataset.root={corpus}", "dataset.label_regex=spk"],
+        "error: dataset.label_regex needs named groups",
+    ),
+    "bad channel policy": (
+        ["loader.channel_policy=left"],
+        "error: loader.channel_policy must be one of",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_configuration_errors_exit_2_before_torch(tmp_path: Path, case: str) -> None:
+    paths = _setup(tmp_path) | {"tmp": str(tmp_path)}
+    args, expected = CASES[case]
+    proc, message = _run(
+        tmp_path,
+        "runners.extract",
+        "tracking=off",
+        f"hydra.run.dir={tmp_path}/hydra",
+        *(a.format(**paths) for a in args),
+    )
+    assert proc.returncode == 2, message
+    assert expected.format(**paths) in message
+    assert "Traceback" not in message + proc.stdout
+
+
+def test_cuda_without_a_driver_exits_2_before_torch(tmp_path: Path) -> None:
+    if gpu_driver_absent() is None:
+        pytest.skip("a GPU driver is present: torch decides, after its import")
+    proc, message = _run(tmp_path, "runners.extract", "tracking=off", "device=cuda")
+    assert proc.returncode == 2
+    lines = message.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: device=cuda but no CUDA device")
+
+
+@pytest.mark.parametrize("flags", [["--help"], ["--cfg", "job"]])
+def test_help_and_cfg_need_no_torch(tmp_path: Path, flags: list[str]) -> None:
+    proc, message = _run(tmp_path, "runners.extract", *flags)
+    assert proc.returncode == 0, message
+    assert "extractor" in proc.stdout

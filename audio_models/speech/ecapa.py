@@ -267,7 +267,10 @@ class EcapaExtractor(Extractor):
         savedir = (
             default_cache_dir() / "speechbrain" / re.sub(r"[^\w.-]+", "_", f"{source}@{revision}")
         )
-        fetch_config = FetchConfig(revision=revision, allow_network=not hub_offline())
+        # A hub id asks first whether there is a network at all (no retry storm offline).
+        fetch_config = FetchConfig(
+            revision=revision, allow_network=not hub_offline(probe=not is_local)
+        )
         # Check the very file from_hparams will load: it fetches hyperparams.yaml exactly like
         # this and, finding <savedir>/hyperparams.yaml already there, loads that (a hub file
         # fetched separately could be another revision, a cached one could predate the check).

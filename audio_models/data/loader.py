@@ -433,6 +433,44 @@ def item_durations(items: list[Item]) -> list[float]:
     return durations
 
 
+def source_sample_rates(items: list[Item]) -> dict[int, int]:
+    """Files per sample rate, from the headers (a file that cannot be read is left out: it
+    becomes a failure row when its turn comes)."""
+    counts: dict[int, int] = {}
+    for path in dict.fromkeys(item.path for item in items):  # each file once, not per segment
+        try:
+            check_regular_file(path)  # sf.info would block on a FIFO
+            rate = int(sf.info(path).samplerate)
+        except Exception:
+            continue
+        counts[rate] = counts.get(rate, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def sample_rate_tags(items: list[Item], extractor: Extractor) -> dict[str, str]:
+    """For an extractor that takes each file at its own rate (openSMILE, librosa without
+    ``sample_rate``): the run tag ``source_sample_rates`` (the rates found, ascending), and a
+    warning when there are several, since such features are not comparable across rates.
+    Empty for an extractor with a fixed rate: every file is resampled to it.
+    """
+    if extractor.sample_rate is not None:
+        return {}
+    rates = source_sample_rates(items)
+    if len(rates) > 1:
+        found = ", ".join(
+            f"{rate} Hz ({n} file{'s' if n > 1 else ''})" for rate, n in rates.items()
+        )
+        warnings.warn(
+            f"the corpus mixes sample rates: {found}. {extractor.name} computes each file at "
+            "its own rate, so its features are not comparable across rates; set "
+            "extractor.sample_rate (e.g. extractor.sample_rate=16000) to resample every file "
+            "to one rate",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"source_sample_rates": ",".join(map(str, rates))} if rates else {}
+
+
 class ExtractionDataModule(L.LightningDataModule):
     """Serves the dataset's items in order to ``Trainer.predict``.
 
@@ -473,6 +511,9 @@ class ExtractionDataModule(L.LightningDataModule):
             preflight=preflight,
             item_timeout_s=item_timeout_s,
         )
+        # Surveyed once, here in the main process, before any work: the warning comes first and
+        # the runner logs the tags with the run's others.
+        self.sample_rate_tags = sample_rate_tags(items, extractor)
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = pin_memory

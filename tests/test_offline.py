@@ -40,7 +40,8 @@ def network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Networ
     from huggingface_hub.utils import reset_sessions
 
     proxies = [f"{s}_proxy" for s in ("http", "https", "all", "no")]
-    for name in ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", hub.HUB_PROBE_ENV]:
+    probe_env = getattr(hub, "HUB_PROBE_ENV", "AUDIO_MODELS_HUB_PROBE")  # also before the probe
+    for name in ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", probe_env]:
         # setenv first: undo then restores the user's value (or its absence).
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)

@@ -57,7 +57,7 @@ def network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Networ
     state = _Network(reachable=False)
     real_lookup = socket.getaddrinfo
 
-    def connect(address: tuple[str, int], timeout: float | None = None, **kwargs: Any) -> Any:
+    def connect(address: tuple[str, int], timeout: float | None = None, *args: Any) -> Any:
         state.connects.append(address)
         assert timeout is not None and timeout <= 5  # bounded, never the OS default
         if not state.reachable:
@@ -108,6 +108,23 @@ def test_reachable_hub_stays_online_and_is_probed_once(network: _Network) -> Non
     assert not hub.hub_offline() and not hub.hub_offline()
     assert network.connects == [("huggingface.co", 443)]
     assert constants.HF_HUB_OFFLINE is False
+
+
+def test_hf_hub_offline_set_after_import_switches_the_libraries(
+    network: _Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface-hub and transformers read HF_HUB_OFFLINE once, at import: set later (in a
+    notebook, by a test), it used to leave them online, retrying each file for a minute."""
+    import huggingface_hub.constants as constants
+    import transformers.utils.hub as transformers_hub
+
+    from audio_models.speech.ssl import SelfSupervisedExtractor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=rf"cannot load model '{NOT_CACHED}'"):
+        SelfSupervisedExtractor(name="xlsr", model=NOT_CACHED)
+    assert network.connects == [] and network.lookups == []  # no probe, no request
+    assert constants.HF_HUB_OFFLINE is True and transformers_hub.is_offline_mode()
 
 
 def test_probe_can_be_turned_off(network: _Network, monkeypatch: pytest.MonkeyPatch) -> None:

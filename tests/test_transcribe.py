@@ -409,13 +409,6 @@ def test_english_only_model_with_language_null_runs_as_english(
 ) -> None:
     """whisperX's language detection refuses an English-only model: every item failed after
     the model loaded. Now the run is English, and says so in the log and the run's tags."""
-    import ctranslate2
-
-    from audio_models.speech.whisper import english_only
-
-    assert not ctranslate2.models.Whisper(str(tiny_whisper_en)).is_multilingual
-    assert english_only(str(tiny_whisper_en), tiny_whisper_en)
-    assert not english_only(str(tiny_whisper[0]), tiny_whisper[0])
     manifest = _harvard_manifest(tmp_path / "data", n=3)
     with caplog.at_level("WARNING", logger="audio_models.speech.whisper"):
         result = extract(
@@ -431,6 +424,18 @@ def test_english_only_model_with_language_null_runs_as_english(
     transcripts, _, words = _check_tables(result.output_dir, set(pd.read_csv(manifest)["file"]))
     assert (transcripts["language"] == "en").all() and len(words) > 0
     assert result.tags["provenance.whisperx.language"].startswith("en (English-only")
+
+
+def test_english_only_is_what_ctranslate2_says(tiny_whisper, tiny_whisper_en: Path) -> None:
+    import ctranslate2
+
+    from audio_models.speech.whisper import english_only
+
+    assert not ctranslate2.models.Whisper(str(tiny_whisper_en)).is_multilingual
+    assert english_only(str(tiny_whisper_en), tiny_whisper_en)  # by CTranslate2, not the name
+    assert not english_only(str(tiny_whisper[0]), tiny_whisper[0])
+    # By the name (the hub's .en models need no load): only below a multilingual vocabulary.
+    assert english_only("Systran/faster-whisper-tiny.en", tiny_whisper[0])
 
 
 def test_english_only_model_with_another_language_stops_before_any_work(
@@ -476,10 +481,7 @@ def _packaged_tiny_en() -> Path:
 def test_real_tiny_en_runs_as_english_and_align_false_leaves_words_empty(
     make_cfg, speech_dir: Path, tmp_path: Path
 ) -> None:
-    from audio_models.speech.whisper import english_only
-
     model = _packaged_tiny_en()
-    assert english_only(str(model), model)
     manifest = _harvard_manifest(tmp_path / "data", n=2)
     result = extract(
         make_cfg(
@@ -490,6 +492,7 @@ def test_real_tiny_en_runs_as_english_and_align_false_leaves_words_empty(
             *_harvard_overrides(manifest),
         )
     )
+    assert pd.read_parquet(result.output_dir / "failures.parquet").empty
     transcripts, segments, words = _check_tables(
         result.output_dir, set(pd.read_csv(manifest)["file"])
     )

@@ -76,24 +76,26 @@ def hub_reachable() -> bool:
     return _reachable
 
 
-def _go_offline() -> None:
+def _go_offline(*, unreachable: bool) -> None:
     """Switch this process's hub libraries to offline mode, as ``HF_HUB_OFFLINE=1`` at start-up
-    would have (both read the variable once, at import). The environment is left alone, so
-    nothing outlives the process."""
+    would have: both read the variable once, at import, so a variable set later (in a notebook,
+    by a test) or a network found missing would otherwise still meet a minute of retries. The
+    environment is left alone, so nothing outlives the process."""
     from huggingface_hub import constants
     from huggingface_hub.utils import reset_sessions
 
     if not constants.HF_HUB_OFFLINE:
         constants.HF_HUB_OFFLINE = True
         reset_sessions()  # sessions made before this would still go to the network
-        host, port = hub_address()
-        log.warning(
-            "the Hugging Face hub (%s:%d) cannot be reached: models load from the local "
-            "caches only, as with HF_HUB_OFFLINE=1 (set %s=0 to skip this check)",
-            host,
-            port,
-            HUB_PROBE_ENV,
-        )
+        if unreachable:
+            host, port = hub_address()
+            log.warning(
+                "the Hugging Face hub (%s:%d) cannot be reached: models load from the local "
+                "caches only, as with HF_HUB_OFFLINE=1 (set %s=0 to skip this check)",
+                host,
+                port,
+                HUB_PROBE_ENV,
+            )
     hub = sys.modules.get("transformers.utils.hub")
     if hub is not None and hasattr(hub, "_is_offline_mode"):
         # transformers copies the flag at import; a later import reads the constant above.
@@ -107,13 +109,14 @@ def hub_offline(*, probe: bool = True) -> bool:
     answers True the hub libraries are in offline mode. Loaders that do not ask the hub library
     (faster-whisper's ``local_files_only``, torchaudio bundles, SpeechBrain) use the answer."""
     if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        _go_offline(unreachable=False)
         return True
     skipped = os.environ.get(HUB_PROBE_ENV, "1").strip().lower() in {"0", "false", "no", "off"}
     if not probe or skipped:
         return False
     if hub_reachable():
         return False
-    _go_offline()
+    _go_offline(unreachable=True)
     return True
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import random
 import re
@@ -258,14 +257,9 @@ def _preserved_globals() -> Iterator[None]:
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
     frozen, threads = gc.get_freeze_count(), torch.get_num_threads()
-    # Lightning's start-up notes ("GPU available: …", tips) are noise in a notebook cell.
-    chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = chatty.level
-    chatty.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        chatty.setLevel(level)
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(torch_state)

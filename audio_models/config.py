@@ -300,7 +300,7 @@ class ExtractConfig:
     output_dir: str = MISSING
     resume: bool = True
     max_failure_ratio: float = 0.1
-    progress_bar: bool = True
+    progress_bar: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
     seed: int = 0
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import signal
 import sys
 import threading
@@ -148,9 +149,11 @@ class _Parts:
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT or SIGTERM after committing what it had finished."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, committed: int = 0, output_dir: Path | None = None) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.committed = committed  # items done in output_dir, this session's and earlier ones
+        self.output_dir = output_dir
 
 
 @contextmanager
@@ -249,7 +252,9 @@ def _run_tags(parts: _Parts, config_hash: str, linear_backend: str) -> dict[str,
         "cpu_linear_backend": linear_backend,
         **{f"version.{k}": v for k, v in package_versions().items()},
         **{f"provenance.{k}": v for k, v in parts.extractor.provenance().items()},
-        **provenance_tags(parts.upstreams),
+        # Only the upstreams this extractor reads: an eGeMAPS run tagged with fairseq's pin
+        # state reads like a problem it does not have (requirements.csv is logged whole).
+        **provenance_tags([up for up in parts.upstreams if up.key in parts.used]),
     }
     job = current_job()
     if job is not None:  # a multirun job: a child of the sweep's parent run
@@ -299,8 +304,11 @@ def extract(
     )
     if rank_zero:
         store.open()  # locks the directory; other ranks join once the process group is up
+    from audio_models.pipeline.progress import quiet_lightning
+
     try:
-        return _plan_run_report(cfg, parts, store, config_hash, overrides)
+        with quiet_lightning():
+            return _plan_run_report(cfg, parts, store, config_hash, overrides)
     finally:
         store.release()
 
@@ -318,7 +326,7 @@ def _plan_run_report(
     from audio_models.extractor import OutputKind
     from audio_models.pipeline.module import ExtractionModule
     from audio_models.pipeline.onednn import use_onednn_linears
-    from audio_models.pipeline.progress import ThroughputProgressBar
+    from audio_models.pipeline.progress import ProgressLog, ThroughputProgressBar
     from audio_models.pipeline.writer import ParquetFeatureWriter
     from audio_models.utils.repos import requirements_path, uncommitted_diff
 
@@ -339,16 +347,24 @@ def _plan_run_report(
         feature_groups=extractor.feature_groups,
         storage_dtype=extractor.storage_dtype,
     )
-    callbacks: list[L.Callback] = [writer]
-    if cfg.progress_bar:
-        callbacks.append(ThroughputProgressBar())
+    # A bar on a terminal; in a log file (stderr redirected, a batch job) a line now and then
+    # instead of thousands of carriage-return updates.
+    show_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
+    callbacks: list[L.Callback] = [
+        writer,
+        (
+            ThroughputProgressBar()
+            if show_bar
+            else ProgressLog(every_s=30.0, total=max(len(items) - len(store.done_keys), 0))
+        ),
+    ]
     trainer = L.Trainer(
         **device.trainer_kwargs(),
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=cfg.progress_bar,
+        enable_progress_bar=show_bar,
         default_root_dir=str(output_dir),
     )
     datamodule = ExtractionDataModule(
@@ -409,7 +425,8 @@ def _plan_run_report(
         # writer's flush): the signal we saw, not the exception type, says it was a kill.
         if received:
             tracker.end("KILLED")
-            raise Interrupted(received[0]) from None
+            committed = len(store.done_keys) + writer.n_processed
+            raise Interrupted(received[0], committed, output_dir) from None
         tracker.end("FAILED")
         dead = datamodule.items_of_dead_workers(str(exc)) if isinstance(exc, RuntimeError) else []
         if dead:
@@ -465,20 +482,38 @@ def _plan_run_report(
         [*files, output_dir / "config.yaml", output_dir / "overrides.yaml"], base=output_dir
     )
     tracker.end("FINISHED")
+    # This session's work and rate first (a resumed run did not process the earlier items),
+    # then what output_dir now holds; WER where the dataset has references.
+    wer = f", WER {metrics['wer']:.1%}" if "wer" in metrics else ""
     log.info(
-        "%d items (%d failed, %d skipped as already done), %.1f s of audio in %.1f s "
-        "(%.1f audio s/s) → %s",
-        written + failed,
-        failed,
-        writer.n_skipped,
-        audio,
+        "this session: %d items (%d failed), %.1f s of audio in %.1f s (%.1f audio s/s); "
+        "%s holds %d items (%d failed, %d done before)%s",
+        writer.n_processed,
+        writer.n_failed_now,
+        writer.audio_seconds_now,
         wall,
         metrics["audio_s_per_s"],
         output_dir,
+        written + failed,
+        failed,
+        writer.n_skipped,
+        wer,
     )
     return ExtractionResult(
         output_dir=output_dir, files=files, metrics=metrics, run_id=tracker.run_id, tags=tags
     )
+
+
+def _resume_hint(stopped: Interrupted) -> str:
+    """How many items are safe and the exact command that resumes the rest."""
+    args = [a for a in sys.argv[1:] if not a.startswith("output_dir=")]
+    where = stopped.output_dir
+    command = " ".join(
+        shlex.quote(a)
+        for a in ["python", "-m", "runners.extract", *args]
+        + ([f"output_dir={where}"] if where is not None else [])
+    )
+    return f"{stopped.committed} items are committed in {where}; resume with: {command}"
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="extract")
@@ -488,11 +523,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = extract(cfg)
     except Interrupted as stopped:
-        print(
-            f"interrupted ({stopped}): finished items are committed; rerun the same command "
-            "with the same output_dir to resume",
-            file=sys.stderr,
-        )
+        print(f"interrupted ({stopped}): {_resume_hint(stopped)}", file=sys.stderr)
         sys.exit(128 + stopped.signum)
     except Exception as exc:
         if job is None:

@@ -24,7 +24,6 @@ def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
         "runners.extract",
         "tracking=off",
         "device=cpu",
-        "progress_bar=false",
         "loader.num_workers=0",
         f"output_dir={tmp_path}/out",
         f"hydra.run.dir={tmp_path}/hydra",
@@ -65,6 +64,12 @@ def test_failure_ratio_sets_the_exit_code(tmp_path: Path) -> None:
     (corpus / "bad.wav").write_bytes(b"nope")
     tolerant = _run(tmp_path, "dataset=folder", f"dataset.root={corpus}", "max_failure_ratio=0.5")
     assert tolerant.returncode == 0, tolerant.stderr
+    # Quiet by default: output is a pipe here, so no progress bar (no carriage returns) and
+    # none of Lightning's banners or tips; the last line is this session's.
+    said = tolerant.stdout + tolerant.stderr
+    assert "\r" not in said
+    assert "GPU available" not in said and "Tip" not in said
+    assert "this session: 2 items (1 failed)" in said
     strict = _run(tmp_path, "dataset=folder", f"dataset.root={corpus}", "max_failure_ratio=0.1")
     assert strict.returncode == 3
     assert "1 of 2 items failed" in strict.stderr

@@ -170,7 +170,8 @@ def _sigterm_then_rerun(args: list[str], tmp_path: Path, out: Path, uri: str) ->
     assert done.returncode == 0, done.stdout[-2000:]
     features = pd.read_parquet(out / "features.parquet")
     assert sorted(features["id"]) == [*(f"clip_{i}.wav" for i in range(6)), "zz_stuck.wav"]
-    assert "6 skipped as already done" in done.stdout
+    assert "this session: 1 items (0 failed)" in done.stdout
+    assert "holds 7 items (0 failed, 6 done before)" in done.stdout
 
 
 def _read_until(proc: subprocess.Popen[str], text: str, timeout_s: float = 180) -> list[str]:
@@ -195,7 +196,10 @@ def _sigterm(proc: subprocess.Popen[str], uri: str) -> None:
     out, _ = proc.communicate(timeout=120)
     err = "".join(seen) + out
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "interrupted (SIGTERM)" in err
+    assert "interrupted (SIGTERM): 6 items are committed in" in err
+    # The command that resumes: the same overrides and output_dir.
+    assert "resume with: python -m runners.extract" in err and "output_dir=" in err
+    assert "graceful shutdown" not in err  # Lightning's own note is not for the user
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
     assert run.info.status == "KILLED"

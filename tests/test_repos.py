@@ -218,6 +218,10 @@ class ToyCheckoutExtractor(OpenSmileExtractor):
 
 def test_run_records_upstream_provenance(upstream, make_cfg, mlflow_store, tmp_path: Path) -> None:
     setup_main([])
+    # A second upstream the extractor does not read: the run carries no tags for it.
+    upstream["write"](
+        upstream["commits"][0], extra="unused,https://example.invalid/u,abc,U,,,x,MIT\n"
+    )
     (upstream["checkout"] / "model.txt").write_text("locally tuned weights\n")
     uri, tracking = mlflow_store
     cfg = make_cfg(
@@ -233,6 +237,7 @@ def test_run_records_upstream_provenance(upstream, make_cfg, mlflow_store, tmp_p
     assert tags["repo.toy.matches_pin"] == "true"
     assert tags["repo.toy.dirty"] == "true"
     assert tags["repo.toy.source"] == "checkout"
+    assert {key.split(".")[1] for key in tags if key.startswith("repo.")} == {"toy"}
     client = mlflow.MlflowClient(uri)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "requirements.csv" in artifacts

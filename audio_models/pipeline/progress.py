@@ -1,8 +1,11 @@
-"""A progress bar that counts items and audio seconds, not just batches."""
+"""Progress in items and audio seconds: a bar on a terminal, a periodic log line elsewhere."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -43,3 +46,66 @@ class ThroughputProgressBar(TQDMProgressBar):
                 items_per_s=f"{self._items / elapsed:.1f}",
                 audio_s_per_s=f"{self._audio_s / elapsed:.1f}",
             )
+
+
+log = logging.getLogger("runners.extract")
+# Lightning's own start-up notes: "GPU available: …", "💡 Tip: …", "attempting graceful
+# shutdown" — the run's device and its interruption are reported by the runner already.
+_CHATTY = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's informational notes off (its warnings stay), levels restored after."""
+    loggers = [logging.getLogger(name) for name in _CHATTY]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+class ProgressLog(L.Callback):
+    """One log line every ``every_s`` seconds (and none for a short run): items, audio
+    seconds and the rate so far, for logs where a progress bar would be noise."""
+
+    def __init__(self, every_s: float = 30.0, total: int | None = None) -> None:
+        self.every_s = max(float(every_s), 1.0)
+        self._total = total  # items this session will process, when known
+        self._items = 0
+        self._audio_s = 0.0
+        self._started = self._last = 0.0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._items, self._audio_s = 0, 0.0
+        self._started = self._last = time.perf_counter()
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        records = outputs or []
+        self._items += len(records)
+        self._audio_s += sum(r.duration_s for r in records if r.failure is None)
+        now = time.perf_counter()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        of = f"/{self._total}" if self._total is not None else ""
+        elapsed = now - self._started
+        log.info(
+            "progress: %d%s items, %.1f s of audio in %.0f s (%.1f audio s/s)",
+            self._items,
+            of,
+            self._audio_s,
+            elapsed,
+            self._audio_s / elapsed,
+        )

@@ -78,3 +78,8 @@ def test_runner_warns_on_mixed_rates_and_sample_rate_resamples(make_cfg, mixed: 
     fixed = pd.read_parquet(result.output_dir / "features.parquet").set_index("id")
     assert (fixed["sample_rate"] == 16000).all()
     assert dict(fixed["source_sample_rate"]) == RATES
+    # Resuming the native-rate run: it warned when it started, its outputs are the same.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*mixes sample rates")
+        again = extract(make_cfg(*common, out="native"))
+    assert again.metrics["n_skipped_resumed"] == len(RATES)

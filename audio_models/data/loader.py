@@ -447,16 +447,18 @@ def source_sample_rates(items: list[Item]) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def sample_rate_tags(items: list[Item], extractor: Extractor) -> dict[str, str]:
+def sample_rate_tags(
+    items: list[Item], extractor: Extractor, *, warn: bool = True
+) -> dict[str, str]:
     """For an extractor that takes each file at its own rate (openSMILE, librosa without
-    ``sample_rate``): the run tag ``source_sample_rates`` (the rates found, ascending), and a
-    warning when there are several, since such features are not comparable across rates.
-    Empty for an extractor with a fixed rate: every file is resampled to it.
+    ``sample_rate``): the run tag ``source_sample_rates`` (the rates found, ascending), and
+    (with ``warn``) a warning when there are several, since such features are not comparable
+    across rates. Empty for an extractor with a fixed rate: every file is resampled to it.
     """
     if extractor.sample_rate is not None:
         return {}
     rates = source_sample_rates(items)
-    if len(rates) > 1:
+    if warn and len(rates) > 1:
         found = ", ".join(
             f"{rate} Hz ({n} file{'s' if n > 1 else ''})" for rate, n in rates.items()
         )
@@ -512,8 +514,9 @@ class ExtractionDataModule(L.LightningDataModule):
             item_timeout_s=item_timeout_s,
         )
         # Surveyed once, here in the main process, before any work: the warning comes first and
-        # the runner logs the tags with the run's others.
-        self.sample_rate_tags = sample_rate_tags(items, extractor)
+        # the runner logs the tags with the run's others. A resumed run (committed items) said
+        # it when it started: the same outputs, so no second warning.
+        self.sample_rate_tags = sample_rate_tags(items, extractor, warn=not done_keys)
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = pin_memory

@@ -29,6 +29,7 @@ class _Network:
     def __init__(self, reachable: bool) -> None:
         self.reachable = reachable
         self.connects: list[tuple[str, int]] = []
+        self.timeouts: list[Any] = []
         self.lookups: list[str] = []
 
 
@@ -59,7 +60,7 @@ def network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Networ
 
     def connect(address: tuple[str, int], timeout: float | None = None, *args: Any) -> Any:
         state.connects.append(address)
-        assert timeout is not None and timeout <= 5  # bounded, never the OS default
+        state.timeouts.append(timeout)
         if not state.reachable:
             raise OSError(101, "Network is unreachable")
         return socket.socket()  # a context manager; never connected
@@ -96,6 +97,7 @@ def test_unreachable_hub_is_probed_once_and_models_fail_offline_at_once(
     # One probe for the process, to the hub's own address; then no request left at all (the
     # retry storm was requests, each retried with back-off).
     assert network.connects == [("huggingface.co", 443)]
+    assert network.timeouts == [hub.HUB_PROBE_TIMEOUT_S] and hub.HUB_PROBE_TIMEOUT_S <= 5
     assert network.lookups == []
     assert constants.HF_HUB_OFFLINE is True and hub.hub_offline()
     assert "HF_HUB_OFFLINE" not in os.environ  # the process's libraries, not the environment

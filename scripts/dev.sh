@@ -42,7 +42,10 @@ ensure_postgres() {
 
 ensure_ffmpeg
 [ "${1:-}" = test ] && ensure_postgres
-uv_cmd sync --frozen --quiet
+# Bytecode compiled once at install: with PYTHONDONTWRITEBYTECODE set (as on this project's
+# machines) every command would otherwise compile torch, Lightning and transformers from source
+# (import lightning: 18 s without, 8 s with).
+uv_cmd sync --frozen --quiet --compile-bytecode
 
 cmd="${1:-extract}"
 shift || true

@@ -12,7 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from audio_models.pipeline.store import DAMAGED, FAILURE_SCHEMA, LOCK, PROGRESS, OutputStore
+from audio_models.pipeline.store import (
+    DAMAGED,
+    FAILURE_SCHEMA,
+    FEATURES_KEY,
+    LOCK,
+    PROGRESS,
+    OutputStore,
+)
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 
@@ -171,3 +178,20 @@ def test_unstamped_parts_resume_when_state_vouches(tmp_path: Path) -> None:
     again.open()
     assert again.done_keys == {"a"}
     again.release()
+
+
+@pytest.mark.parametrize("with_failures", [False, True])
+def test_only_the_main_table_lists_the_feature_columns(tmp_path: Path, with_failures: bool) -> None:
+    # ComParE-sized: 6,373 names. They belong to features.parquet; the failures file (empty or
+    # not) stays small.
+    names = [f"pcm_feature_{i:04d}_sma_de_quartile" for i in range(6373)]
+    store = OutputStore(tmp_path / "out", "h1")
+    store.open()
+    store.commit(store.next_seq(), _part(["a"]), _fails(["b"]) if with_failures else None, None)
+    store.finalize(row_group_rows=100, run_id="run-1", feature_columns=names)
+    store.release()
+    features, failures = store.final_files
+    assert FEATURES_KEY in pq.read_schema(features).metadata
+    assert FEATURES_KEY not in pq.read_schema(failures).metadata
+    assert pq.read_schema(failures).metadata[b"audio_models.run_id"] == b"run-1"
+    assert failures.stat().st_size < 20_000

@@ -394,6 +394,7 @@ def _plan_run_report(
     ):
         linear_backend = "oneDNN"
     tags = _run_tags(parts, config_hash, linear_backend)
+    tags.update(datamodule.sample_rate_tags)  # source_sample_rates of a native-rate corpus
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(
         run_name=f"{extractor.name}-{parts.dataset.name}",

@@ -72,6 +72,7 @@ def test_runner_warns_on_mixed_rates_and_sample_rate_resamples(make_cfg, mixed: 
         result = extract(make_cfg(*common, out="native"))
     native = pd.read_parquet(result.output_dir / "features.parquet").set_index("id")
     assert dict(native["sample_rate"]) == RATES  # each file at its own rate
+    assert result.tags["source_sample_rates"] == "8000,16000,48000"
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*mixes sample rates")
         result = extract(make_cfg(*common, "extractor.sample_rate=16000", out="fixed"))

@@ -332,11 +332,25 @@ class CompareConfig:
     output_dir: str = MISSING
 
 
+@dataclass
+class ReproduceConfig:
+    tracking: Any = MISSING
+    run_id: str = MISSING  # the run to reproduce (a sweep's child run too)
+    n_items: Any = 20  # items re-run (a seeded sample), or "all"
+    seed: int = 0  # which items the sample takes
+    rtol: float = 1e-4  # outputs are equal when |new - old| <= atol + rtol * |old|
+    atol: float = 1e-5
+    device: str | None = None  # None: the run's own device settings; cpu | cuda | auto
+    num_workers: int | None = None  # None: the run's loader.num_workers
+    output_dir: str = MISSING
+
+
 def _register() -> None:
     store = ConfigStore.instance()
     store.store(name="extract_schema", node=ExtractConfig)
     store.store(name="train_ser_schema", node=TrainSerConfig)
     store.store(name="compare_schema", node=CompareConfig)
+    store.store(name="reproduce_schema", node=ReproduceConfig)
     for group, name, node in (
         ("dataset", "demo", DemoDatasetConfig),
         ("dataset", "folder", FolderDatasetConfig),

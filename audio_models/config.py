@@ -216,6 +216,29 @@ class ManifestDatasetConfig:
     text_column: str | None = None  # reference transcripts: transcription runs log WER
 
 
+@dataclass
+class KaldiDatasetConfig:
+    _target_: str = "audio_models.data.corpora.KaldiDataset"
+    name: str = "kaldi"
+    root: str = MISSING  # the data directory: wav.scp, optional segments, utt2spk, text
+    audio_root: str | None = None  # relative wav.scp paths resolve here (None: root)
+    label_column: str | None = None
+    text_column: str | None = None  # "transcript" (the text file): transcription runs log WER
+
+
+@dataclass
+class AudformatDatasetConfig:
+    _target_: str = "audio_models.data.corpora.AudformatDataset"
+    name: str = "audformat"
+    root: str = MISSING  # an audformat database folder (db.yaml), e.g. where audb.load put it
+    index_type: str | None = None  # filewise | segmented (None: the database's, segmented if both)
+    tables: list[str] | None = None  # None: every table of that index type
+    columns: list[str] | None = None  # None: every column of those tables
+    split: str | None = None  # only the tables of this split (db.splits)
+    label_column: str | None = None
+    text_column: str | None = None  # reference transcripts: transcription runs log WER
+
+
 # -- device and tracking ------------------------------------------------------------------
 
 
@@ -355,6 +378,8 @@ def _register() -> None:
         ("dataset", "demo", DemoDatasetConfig),
         ("dataset", "folder", FolderDatasetConfig),
         ("dataset", "manifest", ManifestDatasetConfig),
+        ("dataset", "kaldi", KaldiDatasetConfig),
+        ("dataset", "audformat", AudformatDatasetConfig),
         ("device", "device", DeviceConfig),
         ("tracking", "mlflow", MlflowConfig),
         ("tracking", "server", MlflowConfig),

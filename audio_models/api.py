@@ -188,6 +188,16 @@ def _items_source(rows: Iterable[tuple[Any, Any, Any, dict[str, Any]]]) -> _Sour
 
 
 def _source(source: Any) -> _Source:
+    import sys
+
+    # A Database object means audformat is imported already: no import for other sources.
+    audformat = sys.modules.get("audformat")
+    if audformat is not None and isinstance(source, audformat.Database):
+        from audio_models.data.corpora import AudformatDataset
+
+        dataset = AudformatDataset.from_database(source)
+        # Results come back on the database's own (file, start, end), so they join its tables.
+        return _Source(items=dataset.items, index=dataset.index, dtypes=dataset.dtypes)
     if isinstance(source, pd.DataFrame | pd.Series | pd.Index):
         frame = source.to_frame() if isinstance(source, pd.Series) else source
         if isinstance(frame, pd.Index):
@@ -229,8 +239,8 @@ def _source(source: Any) -> _Source:
             raise UserError("no files to process")
         return _items_source((f, None, None, {}) for f in files)
     raise UserError(
-        "source must be a folder, a manifest (.csv/.tsv/.jsonl), a list of files or a "
-        f"DataFrame with a file index; got {type(source).__name__}"
+        "source must be a folder, a manifest (.csv/.tsv/.jsonl), a list of files, a "
+        f"DataFrame with a file index or an audformat.Database; got {type(source).__name__}"
     )
 
 
@@ -295,7 +305,10 @@ def extract(
         source: a folder (every audio file under it), a manifest (``.csv``/``.tsv``/
             ``.jsonl``, as ``dataset=manifest``), a list of audio files, or a DataFrame whose
             index is audformat's filewise (``file``) or segmented (``file``, ``start``,
-            ``end``) index; its columns are carried along as labels, unchanged.
+            ``end``) index; its columns are carried along as labels, unchanged; or an
+            ``audformat.Database`` (its segmented tables' index, else its filewise one, and
+            their columns as labels, as ``dataset=audformat`` reads them; results come back
+            on the database's ``(file, start, end)``).
         extractor: one of :func:`extractors`.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
         output_dir: keep the outputs there (Parquet files as the CLI writes them; a rerun

@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from audio_models.config import OpenSmileConfig
+from audio_models.data.corpora import AudformatDataset, KaldiDataset
 from audio_models.data.datasets import DemoDataset, FolderDataset, ManifestDataset
 from audio_models.pipeline.device import DeviceSpec
 from audio_models.registry import register_extractor, registered_extractors
@@ -108,6 +109,8 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         ("dataset", "demo"): DemoDataset,
         ("dataset", "folder"): FolderDataset,
         ("dataset", "manifest"): ManifestDataset,
+        ("dataset", "kaldi"): KaldiDataset,
+        ("dataset", "audformat"): AudformatDataset,
         ("device", "auto"): DeviceSpec,
         ("device", "cpu"): DeviceSpec,
         ("device", "cuda"): DeviceSpec,
@@ -120,7 +123,12 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
     assert found == set(expected) | {("tracking", "server")}
     server = compose_extract(["tracking=server", "output_dir=x"]).tracking
     assert server._target_.endswith("MlflowTracker") and server.uri.startswith("http://")
-    extra = {"folder": [f"dataset.root={tmp_path}"], "manifest": [f"dataset.path={tmp_path}/m.csv"]}
+    extra = {
+        "folder": [f"dataset.root={tmp_path}"],
+        "manifest": [f"dataset.path={tmp_path}/m.csv"],
+        "kaldi": [f"dataset.root={tmp_path}"],  # constructing reads nothing; listing would
+        "audformat": [f"dataset.root={tmp_path}"],
+    }
     for (group, option), cls in expected.items():
         overrides = [f"{group}={option}", "output_dir=unused", *extra.get(option, [])]
         overrides.append(f"tracking.uri=sqlite:///{tmp_path}/t.db" if option == "mlflow" else "")

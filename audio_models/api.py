@@ -67,11 +67,9 @@ def extractors() -> dict[str, str]:
         >>> am.extractors()["egemaps"]
         "openSMILE eGeMAPSv02 functionals: 88 named columns, the file's own sample rate"
     """
-    out: dict[str, str] = {}
-    for path in sorted((conf_dir() / "extractor").glob("*.yaml")):
-        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
-        out[path.stem] = first.lstrip("#").strip().rstrip(",;(").strip()
-    return out
+    from audio_models.config import option_descriptions
+
+    return option_descriptions("extractor")
 
 
 # -- composing ----------------------------------------------------------------------------

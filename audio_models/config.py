@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from audio_models.registry import register_extractor
 from audio_models.utils.errors import UserError
+from audio_models.utils.paths import conf_dir
 
 # -- extractors ---------------------------------------------------------------------------
 
@@ -439,3 +440,41 @@ def run_cli(main: Callable[[], Any]) -> None:
         if stop.code == 1 and not _task_started:
             sys.exit(2)
         raise
+
+
+# -- what the command line shows ---------------------------------------------------------
+
+
+def option_descriptions(group: str) -> dict[str, str]:
+    """The options of ``conf/<group>/``, each with the first comment line of its YAML."""
+    out: dict[str, str] = {}
+    for path in sorted((conf_dir() / group).glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("#").strip().rstrip(",;(").strip()
+    return out
+
+
+def _groups_help(*groups: str) -> str:
+    """``--help``'s group listing: the groups a runner uses, never the ``schema/*`` ones Hydra
+    would list beside them (they hold the dataclasses the YAMLs extend, nothing to choose)."""
+    lines = []
+    for group in groups:
+        options = option_descriptions(group)
+        width = max(map(len, options), default=0)
+        lines.append(f"{group}=<option>:")
+        lines += [f"  {name:<{width}}  {text}".rstrip() for name, text in options.items()]
+    return "\n".join(lines)
+
+
+def _run_dir(default: str, *, _root_: DictConfig) -> str:
+    """Hydra's run directory: ``output_dir`` when the command sets it (so ``<job>.log`` lands
+    beside the outputs and no ``outputs/<date>/<time>`` is made), else ``default``."""
+    if "output_dir" in _root_ and not OmegaConf.is_interpolation(_root_, "output_dir"):
+        value = _root_.output_dir
+        if value is not None:
+            return str(value)
+    return default
+
+
+OmegaConf.register_new_resolver("am_groups", _groups_help, replace=True)
+OmegaConf.register_new_resolver("am_run_dir", _run_dir, replace=True)

@@ -15,7 +15,6 @@ from typing import Any
 import jiwer
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from audio_models.utils.errors import UserError
 
@@ -101,6 +100,10 @@ def splitter(
     folds = min(n_splits, available)
     if folds < 2:
         raise UserError(f"class {weakest!r} has {available} {unit}; cross-validation needs 2+")
+    # scikit-learn is imported here, not at the top: runners.compare --help and its
+    # configuration errors should not pay for it.
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     if grouped:
         return StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed), folds
     return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed), folds
@@ -239,6 +242,7 @@ def linear_probe(
     """
     from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 

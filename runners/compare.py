@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from audio_models.config import build
+from audio_models.config import build, run_cli, task
 from audio_models.evaluation import (
     N_RESAMPLES,
     SCORERS,
@@ -447,6 +447,7 @@ def compare(cfg: DictConfig) -> Comparison:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="compare")
+@task
 def main(cfg: DictConfig) -> None:
     try:
         compare(cfg)
@@ -456,4 +457,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -97,3 +97,21 @@ def test_segment_ids_are_exact_past_six_digits(tmp_path: Path) -> None:
     ids = [item.id for item in ManifestDataset(path=str(manifest)).items]
     assert ids == ["long.wav@10000.1-10000.2", "long.wav@10000.15-10000.2"]
     assert segment_id("a.wav", 1.5, None) == "a.wav@1.5-"  # :g ids of earlier runs unchanged
+
+
+def test_the_log_lands_beside_the_outputs(tmp_path: Path) -> None:
+    # No hydra.run.dir here: with output_dir set, Hydra's run directory is that folder.
+    command = [
+        sys.executable,
+        "-m",
+        "runners.extract",
+        "tracking=off",
+        "dataset.n_clips=2",
+        "loader.num_workers=0",
+        f"dataset.root={tmp_path}/demo",
+        f"output_dir={tmp_path}/out",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "this session: 2 items" in (tmp_path / "out" / "extract.log").read_text()
+    assert not (tmp_path / "outputs").exists()

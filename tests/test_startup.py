@@ -99,3 +99,15 @@ def test_help_and_cfg_need_no_torch(tmp_path: Path, flags: list[str]) -> None:
     proc, message = _run(tmp_path, "runners.extract", *flags)
     assert proc.returncode == 0, message
     assert "extractor" in proc.stdout
+    if flags == ["--help"]:
+        # The groups a user chooses from, with what each option is; not Hydra's schema/* groups.
+        assert "schema/" not in proc.stdout
+        assert "extractor=<option>:" in proc.stdout and "dataset=<option>:" in proc.stdout
+        assert "egemaps         openSMILE eGeMAPSv02 functionals" in proc.stdout
+
+
+def test_compare_help_lists_only_its_groups(tmp_path: Path) -> None:
+    proc, message = _run(tmp_path, "runners.compare", "--help")
+    assert proc.returncode == 0, message
+    assert "tracking=<option>:" in proc.stdout
+    assert "extractor=<option>" not in proc.stdout and "schema/" not in proc.stdout

@@ -20,14 +20,9 @@ import hydra
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from sklearn.base import clone
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
-from sklearn.model_selection import cross_val_predict
 
-from audio_models.audio.librosa_features import LibrosaExtractor
 from audio_models.config import ExtractConfig, build, run_cli, task
 from audio_models.evaluation import splitter
-from audio_models.speech.ser import load_classifier, sha256_bytes
 from audio_models.tracking import NullTracker, flatten, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
@@ -47,6 +42,12 @@ class TrainResult:
 
 def build_estimator(cfg: DictConfig) -> Any:
     """An unfitted estimator: the upstream grid's best (cloned) or ``name(**params)``."""
+    # scikit-learn, librosa and torch are imported by the steps that use them: --help and a
+    # bad configuration answer before any of them loads.
+    from sklearn.base import clone
+
+    from audio_models.speech.ser import load_classifier
+
     est = cfg.estimator
     if est.source == "upstream":
         model, _ = load_classifier(
@@ -70,6 +71,8 @@ def build_estimator(cfg: DictConfig) -> Any:
 
 
 def _features(cfg: DictConfig, output_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    from audio_models.audio.librosa_features import LibrosaExtractor
+
     """Run the extraction pipeline with the upstream feature set; no separate MLflow run."""
     unknown = set(cfg.features) - set(PARTS)
     if unknown:
@@ -117,6 +120,17 @@ def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
 
 def train(cfg: DictConfig) -> TrainResult:
     """Fit, cross-validate, save and log; see ``conf/train_ser.yaml``."""
+    from sklearn.base import clone
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+    )
+    from sklearn.model_selection import cross_val_predict
+
+    from audio_models.speech.ser import sha256_bytes
+
     output_dir = Path(cfg.output_dir)
     dataset = build(cfg, "dataset")
     label = dataset.label_column

@@ -106,8 +106,27 @@ def test_help_and_cfg_need_no_torch(tmp_path: Path, flags: list[str]) -> None:
         assert "egemaps         openSMILE eGeMAPSv02 functionals" in proc.stdout
 
 
-def test_compare_help_lists_only_its_groups(tmp_path: Path) -> None:
-    proc, message = _run(tmp_path, "runners.compare", "--help")
+@pytest.mark.parametrize(
+    ("runner", "groups", "absent"),
+    [
+        ("runners.compare", ["tracking"], ["extractor", "dataset", "device"]),
+        ("runners.train_ser", ["dataset", "device", "tracking"], ["extractor"]),
+    ],
+)
+def test_other_runners_help_lists_only_their_groups(
+    tmp_path: Path, runner: str, groups: list[str], absent: list[str]
+) -> None:
+    proc, message = _run(tmp_path, runner, "--help")
     assert proc.returncode == 0, message
-    assert "tracking=<option>:" in proc.stdout
-    assert "extractor=<option>" not in proc.stdout and "schema/" not in proc.stdout
+    assert "schema/" not in proc.stdout
+    for group in groups:
+        assert f"{group}=<option>:" in proc.stdout
+    for group in absent:
+        assert f"{group}=<option>:" not in proc.stdout
+
+
+@pytest.mark.parametrize("runner", ["runners.compare", "runners.train_ser"])
+def test_other_runners_typos_exit_2_before_torch(tmp_path: Path, runner: str) -> None:
+    proc, message = _run(tmp_path, runner, "tracking=nowhere", f"hydra.run.dir={tmp_path}/h")
+    assert proc.returncode == 2, message
+    assert "Could not find 'tracking/nowhere'" in message

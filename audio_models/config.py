@@ -215,6 +215,9 @@ class ManifestDatasetConfig:
     label_columns: list[str] | None = None
     label_column: str | None = None
     text_column: str | None = None  # reference transcripts: transcription runs log WER
+    # Labels are kept as the text written ("09" stays "09") unless declared here:
+    # {column: int | float | str}, e.g. dataset.label_types={age:int}
+    label_types: dict[str, str] | None = None
 
 
 @dataclass

@@ -216,8 +216,9 @@ class ManifestDatasetConfig:
     label_column: str | None = None
     text_column: str | None = None  # reference transcripts: transcription runs log WER
     # Labels are kept as the text written ("09" stays "09") unless declared here:
-    # {column: int | float | str}, e.g. dataset.label_types={age:int}
-    label_types: dict[str, str] | None = None
+    # {column: int | float | str}, e.g. dataset.label_types={age:int}. Typed Any: OmegaConf
+    # cannot merge a mapping into a None typed dict[str, str], nor add keys to an empty one.
+    label_types: Any = None
 
 
 @dataclass

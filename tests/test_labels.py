@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from audio_models.config import build
 from audio_models.data.datasets import DemoDataset, FolderDataset, ManifestDataset
 from audio_models.utils.errors import UserError
 from runners.extract import extract
@@ -125,3 +126,11 @@ def test_a_bad_jsonl_line_is_named(tmp_path: Path) -> None:
     manifest.write_text(json.dumps({"path": "a.wav"}) + "\n{oops\n")
     with pytest.raises(UserError, match="line 2"):
         _ = ManifestDataset(path=str(manifest)).items
+
+
+def test_label_types_from_the_command_line(make_cfg, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,age,speaker\n/a.wav,30,09\n")
+    cfg = make_cfg("dataset=manifest", f"dataset.path={manifest}", "dataset.label_types={age:int}")
+    (item,) = build(cfg, "dataset").items
+    assert item.labels == {"age": 30, "speaker": "09"}

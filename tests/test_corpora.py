@@ -14,12 +14,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from hydra import compose, initialize_config_dir
 
 import audio_models as am
 from audio_models.data.corpora import AudformatDataset, KaldiDataset
 from audio_models.utils.errors import UserError
-from runners.compare import pooled_features
+from runners.compare import compare, pooled_features
 from runners.extract import extract
+from tests.conftest import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -351,3 +353,51 @@ def test_am_extract_takes_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(joined) == 2 and joined["emotion"].tolist() == ["happy", "sad"]
     assert isinstance(result["emotion"].dtype, pd.CategoricalDtype)
     assert result.shape == (4, 1 + 88) and not result.attrs["failures"]
+
+
+def test_compare_probes_an_audformat_run_grouped_by_speaker(
+    make_cfg, mlflow_store: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    # Four speakers (ids that look like numbers), each with two low and two high clips.
+    root = tmp_path / "db"
+    files, speakers, emotions = [], [], []
+    for s in range(4):
+        for k in range(4):
+            file = f"audio/s{s}_{k}.wav"
+            emotion = "happy" if k % 2 else "sad"
+            _wav(root / file, 0.5, (240.0 if emotion == "happy" else 120.0) + 5 * s + k)
+            files.append(file)
+            speakers.append(f"0{s}")
+            emotions.append(emotion)
+    db = audformat.Database("probe")
+    db.schemes["speaker"] = audformat.Scheme("str")
+    db.schemes["emotion"] = audformat.Scheme(labels=["happy", "sad"])
+    db["files"] = audformat.Table(audformat.filewise_index(files))
+    for column, values in (("speaker", speakers), ("emotion", emotions)):
+        db["files"][column] = audformat.Column(scheme_id=column)
+        db["files"][column].set(values)
+    db.save(str(root))
+    _, tracking = mlflow_store
+    run = extract(
+        make_cfg(
+            "extractor=egemaps",
+            "dataset=audformat",
+            f"dataset.root={root}",
+            "dataset.label_column=emotion",
+            *tracking,
+        )
+    )
+    import audio_models.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="compare",
+            overrides=[
+                *tracking,
+                f"run_ids=[{run.run_id}]",
+                "n_splits=2",
+                f"output_dir={tmp_path / 'compare'}",
+            ],
+        )
+    table = compare(cfg).table
+    assert table["folds"].tolist() == ["stratified group 2-fold by 'speaker' (shuffled, seed 0)"]

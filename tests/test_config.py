@@ -60,7 +60,7 @@ def test_hubert_fairseq_and_ecapa_options_instantiate(tmp_path: Path) -> None:
     from audio_models.speech.ecapa import EcapaExtractor
     from audio_models.speech.ssl import FairseqCheckpointExtractor
     from audio_models.testing import make_tiny_ecapa
-    from tests.test_fairseq import hydra_hubert
+    from tests.fairseq_checkpoints import hydra_hubert
 
     checkpoint, _ = hydra_hubert(tmp_path / "fairseq")
     cfg = compose_extract(

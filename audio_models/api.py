@@ -278,7 +278,7 @@ def _preserved_globals() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if not frozen:
+        if not frozen:  # the runner unfreezes too; this covers a run that failed before it
             gc.unfreeze()
         torch.set_num_threads(threads)
 

@@ -416,6 +416,9 @@ def _plan_run_report(
     started = time.perf_counter()
     # Loader workers are forked from this process: freezing its objects keeps the workers'
     # garbage collector from walking (and copy-on-write touching) everything imported here.
+    # A caller's own frozen objects (a notebook that froze its state) stay frozen: unfreezing
+    # would release theirs too, so then ours stay in the permanent generation as well.
+    frozen_before = gc.get_freeze_count()
     gc.freeze()
     module = ExtractionModule(extractor)
     try:
@@ -441,7 +444,8 @@ def _plan_run_report(
             ) from None
         raise
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
     wall = time.perf_counter() - started
 
     # -- report ----------------------------------------------------------------------------

@@ -208,6 +208,18 @@ def test_no_global_state_changes(corpus: Path) -> None:
     assert gc.get_freeze_count() == frozen and torch.get_num_threads() == threads
 
 
+def test_a_callers_frozen_objects_stay_frozen(corpus: Path) -> None:
+    kept = [object() for _ in range(10)]
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        am.extract([str(corpus / "a.wav")], "egemaps", num_workers=0, device="cpu")
+        assert gc.get_freeze_count() >= frozen > 0  # the caller's set was not unfrozen
+    finally:
+        gc.unfreeze()
+    del kept
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

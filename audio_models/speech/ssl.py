@@ -33,6 +33,15 @@ def _load(model: str, revision: str | None) -> tuple[Any, Any, Path]:
     return extractor, network, folder
 
 
+def checked_layers(layers: list[int] | str, n_states: int) -> list[int]:
+    """Hidden-state indices (negative from the end, or ``"all"``) as ``0..n_states-1``."""
+    chosen = list(range(n_states)) if layers == "all" else [int(x) for x in layers]
+    bad = [x for x in chosen if not -n_states <= x < n_states]
+    if bad or not chosen:
+        raise UserError(f"extractor.layers {bad or chosen} outside the model's 0..{n_states - 1}")
+    return [x % n_states for x in chosen]
+
+
 def _checked_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -93,14 +102,7 @@ class SelfSupervisedExtractor(Extractor):
         config = self.network.config
         # Group-norm feature encoders see the padding: such models never get padded input.
         self.use_mask = config.feat_extract_norm == "layer"
-        n_states = config.num_hidden_layers + 1
-        chosen = list(range(n_states)) if layers == "all" else [int(x) for x in layers]
-        bad = [x for x in chosen if not -n_states <= x < n_states]
-        if bad or not chosen:
-            raise UserError(
-                f"extractor.layers {bad or chosen} outside the model's 0..{n_states - 1}"
-            )
-        self.layers = [x % n_states for x in chosen]
+        self.layers = checked_layers(layers, config.num_hidden_layers + 1)
         self.dim = config.hidden_size
         self.stride = int(torch.prod(torch.tensor(config.conv_stride)))
         self._frame_shift = self.stride / sample_rate
@@ -200,13 +202,17 @@ class SelfSupervisedExtractor(Extractor):
         var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / n
         return torch.where(valid, (x - mean) / torch.sqrt(var + 1e-7), torch.zeros_like(x))
 
+    def _frame_counts(self, samples: torch.Tensor) -> torch.Tensor:
+        """Frames the model gives for inputs of ``samples`` samples."""
+        return self.network._get_feat_extract_output_lengths(samples)
+
     def _hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per row, the selected layers' valid frames of an already normalised batch."""
         mask = None
         if self.use_mask:
             mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long()
         out = self.network(x, attention_mask=mask, output_hidden_states=True)
-        frames = self.network._get_feat_extract_output_lengths(lengths).tolist()
+        frames = self._frame_counts(lengths).tolist()
         states = [out.hidden_states[layer] for layer in self.layers]
         return [[s[row, :count].float() for s in states] for row, count in enumerate(frames)]
 
@@ -247,11 +253,11 @@ class SelfSupervisedExtractor(Extractor):
         x = self._normalised(signal[None], total)[0]
         starts = self.chunk_starts(n)
         ends = [s + self.chunk for s in starts[:-1]] + [n]
-        counts = self.network._get_feat_extract_output_lengths(
+        counts = self._frame_counts(
             torch.tensor([e - s for s, e in zip(starts, ends, strict=True)])
         ).tolist()
         firsts = [s // self.stride for s in starts]
-        n_frames = int(self.network._get_feat_extract_output_lengths(total.cpu()))
+        n_frames = int(self._frame_counts(total.cpu()))
         # Keep [cut_k, cut_{k+1}): cut at the middle of each pair's overlapping frames.
         cuts = [0]
         for k in range(len(starts) - 1):

@@ -159,7 +159,7 @@ class Extractor:
 
     def forward(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
-    ) -> list[torch.Tensor] | list[Transcript]:
+    ) -> list[torch.Tensor] | list[Output] | list[Transcript]:
         """Compute features of a zero-padded ``(batch, samples)`` batch on its device.
 
         Args:
@@ -167,7 +167,8 @@ class Extractor:
             lengths: number of valid samples of each row.
 
         Returns:
-            One result per row: a vector or an ``(n_frames, dim)`` matrix, or a
+            One result per row: a vector or an ``(n_frames, dim)`` matrix (an :class:`Output`
+            with a tensor as ``values`` when :attr:`extra_columns` are declared), or a
             :class:`Transcript` for ``TRANSCRIPT`` extractors.
         """
         raise NotImplementedError(f"{type(self).__name__} has no batched forward")
@@ -227,6 +228,8 @@ class Extractor:
             out = self.forward(waveforms, lengths)[0]
         if isinstance(out, Transcript):
             return out
+        if isinstance(out, Output):
+            return Output(values=out.values.detach().float().cpu().numpy(), extra=out.extra)
         return out.detach().float().cpu().numpy()
 
     def process_file(

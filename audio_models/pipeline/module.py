@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from audio_models.data.loader import Batch, Record, fail
-from audio_models.extractor import Extractor, Transcript
+from audio_models.extractor import Extractor, Output, Transcript
 
 
 class ExtractionModule(L.LightningModule):
@@ -86,5 +86,8 @@ class ExtractionModule(L.LightningModule):
         for record, out in zip(records, outputs, strict=True):
             if isinstance(out, Transcript):
                 record.transcript = out
-            else:
-                record.features = out.detach().float().cpu().numpy()
+                continue
+            if isinstance(out, Output):  # text columns beside the numbers (a predicted label)
+                record.extra = out.extra
+                out = out.values
+            record.features = out.detach().float().cpu().numpy()

@@ -376,10 +376,19 @@ def extract(
             result = run_extract(cfg, dataset=dataset, overrides=given)
         run = load(out)
         if src.index:  # an output_dir may also hold items of earlier calls: only these
+            windowed = cfg.windows.size_s is not None
+
+            def asked(ids: pd.Series) -> pd.Series:
+                # With windows, rows are ``<item id>@<start>-<end>`` of the items asked for.
+                mask = ids.isin(src.index)
+                if windowed:
+                    mask |= ids.str.rsplit("@", n=1).str[0].isin(src.index)
+                return mask
+
             run.given = src.index
-            run.items = run.items[run.items["id"].isin(src.index)].reset_index(drop=True)
+            run.items = run.items[asked(run.items["id"])].reset_index(drop=True)
             if len(run.failures):
-                run.failures = run.failures[run.failures["id"].isin(src.index)]
+                run.failures = run.failures[asked(run.failures["id"])]
         frame = run.features if not run.transcribed else run.transcripts
         for column, dtype in src.dtypes.items():
             if column in frame.columns:
@@ -428,6 +437,13 @@ def _timed_index(
     ends = pd.to_timedelta(table["end"].to_numpy(), unit="s").tolist()
     if given:
         for row, item_id in enumerate(table["id"]):
+            if item_id not in given:
+                # A window (windows.size_s) of a caller's item, ``<item id>@<start>-<end>``:
+                # the caller's file, the window's own times.
+                parent = given.get(item_id.rsplit("@", 1)[0])
+                if parent is not None:
+                    files[row] = parent[0]
+                continue
             file, start, end = given[item_id]
             files[row] = file
             if start is not None:

@@ -317,6 +317,15 @@ class PreflightConfig:
 
 
 @dataclass
+class WindowsConfig:
+    """Sliding windows over every item (``audio_models.data.windows``); size_s null: off."""
+
+    size_s: float | None = None
+    hop_s: float | None = None  # null: size_s (adjacent windows); smaller: overlapping
+    last: str = "partial"  # partial: keep a shorter last window | drop: full windows only
+
+
+@dataclass
 class ExtractConfig:
     extractor: Any = MISSING
     dataset: Any = MISSING
@@ -325,6 +334,7 @@ class ExtractConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    windows: WindowsConfig = field(default_factory=WindowsConfig)
     output_dir: str = MISSING
     resume: bool = True
     max_failure_ratio: float = 0.1

@@ -79,13 +79,16 @@ def _peak_rss_mb() -> tuple[float, float]:
 
 def settings_hash(cfg: DictConfig, extractor: Extractor) -> str:
     """Hash of everything that changes an item's output: extractor config and provenance
-    (model revision, weights hash), channel policy and preflight policies."""
+    (model revision, weights hash), channel policy, preflight policies and windows."""
     payload = {
         "extractor": OmegaConf.to_container(cfg.extractor, resolve=True),
         "provenance": extractor.provenance(),
         "channel_policy": cfg.loader.channel_policy,
         "preflight": OmegaConf.to_container(cfg.preflight, resolve=True),
     }
+    windows = cfg.get("windows")
+    if windows is not None and windows.size_s is not None:  # off: older outputs keep their hash
+        payload["windows"] = OmegaConf.to_container(windows, resolve=True)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
         :16
     ]
@@ -203,6 +206,11 @@ def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _C
     if dataset is None:
         dataset = build(cfg, "dataset")
     items = dataset.items
+    windows = cfg.get("windows")  # absent from configs saved before windows existed
+    if windows is not None and windows.size_s is not None:
+        from audio_models.data.windows import window_items
+
+        items = window_items(items, windows.size_s, windows.hop_s, windows.last)
     device.check_available()  # imports torch only where a GPU driver is present
     # Ranks > 0 of a distributed run neither log to MLflow nor clean the output directory:
     # rank 0 does, before the others start, and merges their outputs at the end.
@@ -295,6 +303,10 @@ def extract(
     config_hash = settings_hash(cfg, extractor)
     output_dir = Path(cfg.output_dir)
     transcribes = extractor.kind == OutputKind.TRANSCRIPT
+    if transcribes and cfg.get("windows") is not None and cfg.windows.size_s is not None:
+        # A transcript per fixed window cuts words in two; transcribers segment speech
+        # themselves (whisperX's VAD).
+        raise UserError(f"windows apply to feature extractors, not to {extractor.name}")
     store = OutputStore(
         output_dir,
         config_hash,

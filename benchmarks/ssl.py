@@ -124,10 +124,18 @@ def runner(
 
 
 def cli_runner(
-    folder: Path, corpus: Path, out: Path, device: str, devices: int, workers: int
+    folder: Path,
+    corpus: Path,
+    out: Path,
+    device: str,
+    devices: int,
+    workers: int,
+    *,
+    ddp: bool = True,
 ) -> tuple[float, Path]:
-    """Seconds for ``python -m runners.extract`` with ``device=ddp`` over ``devices`` processes
-    (a subprocess: DDP's launcher starts the other ranks by re-running the command)."""
+    """Seconds for ``python -m runners.extract`` (a subprocess: start-up included), with
+    ``device=ddp`` over ``devices`` processes (DDP's launcher starts the other ranks by
+    re-running the command), or on one device (``ddp=False``): the whole command as typed."""
     import subprocess
     import sys
 
@@ -139,9 +147,11 @@ def cli_runner(
         f"extractor.model={folder}",
         "dataset=folder",
         f"dataset.root={corpus}",
-        "device=ddp",
-        f"device.accelerator={device}",
-        f"device.devices={devices}",
+        *(
+            ["device=ddp", f"device.accelerator={device}", f"device.devices={devices}"]
+            if ddp
+            else [f"device={device}"]
+        ),
         f"loader.num_workers={workers}",
         "loader.batch_size=32",
         "loader.batch_audio_s=60",
@@ -252,6 +262,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"{loop:.2f} audio s/s, ratio {rate / loop:.2f}x, padding fraction "
                     f"{metrics['padding_fraction']:.3f}, {memory}{utilisation}{deviation}"
                 )
+            command, _ = cli_runner(
+                folder, corpus, Path(tmp) / f"{size}-command", args.device, 1, workers, ddp=False
+            )
+            print(
+                f"{size} 32: whole command (python -m runners.extract, start-up and model load "
+                f"included) {audio_s / command:.2f} audio s/s in {command:.1f} s, ratio to the "
+                f"per-file loop {audio_s / command / loop:.2f}x"
+            )
             if args.ddp_devices > 1:
                 ddp_scaling(folder, corpus, Path(tmp), audio_s, args)
 

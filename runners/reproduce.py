@@ -434,8 +434,9 @@ def _frames_of(run: Run, ids: list[str]) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _values(run: Run, ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Per item: feature group → stored values (float64), metadata as its own group."""
+def output_values(run: Run, ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per item of ``ids`` that ``run`` wrote: feature group → its stored values (float64);
+    how the item was read (duration, rate, frame count) is a group of its own."""
     table = run.items.set_index("id")
     out: dict[str, dict[str, np.ndarray]] = {i: {} for i in ids if i in table.index}
     for item_id in out:
@@ -510,7 +511,7 @@ def compare_outputs(
         if old != new:
             items.append(Difference("item", item_id, old, new))
     written = [i for i in ids if _status(reference, i) == _status(rerun, i) == "written"]
-    old_values, new_values = _values(reference, written), _values(rerun, written)
+    old_values, new_values = output_values(reference, written), output_values(rerun, written)
     stats: dict[str, dict[str, Any]] = {}
     for item_id in written:
         for group, a in old_values[item_id].items():

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from audio_models.utils.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 STORAGE_DTYPES = ("float32", "float16")
 
@@ -40,10 +43,20 @@ class Placement(StrEnum):
 
 @dataclass
 class Output:
-    """A transform result with text columns beside the numbers (e.g. a predicted label)."""
+    """A transform result with more than numbers.
+
+    Args:
+        values: the vector (or frames) as :meth:`Extractor.transform` would return it.
+        extra: by column name, the text of each of :attr:`Extractor.extra_columns` (a
+            predicted label, say); by table name, this item's rows of each of
+            :attr:`Extractor.side_tables`, as column → list of values (every column of the
+            table's schema but ``id``, which the writer adds). The rows travel here because
+            ``extra`` is what the loader hands from its workers to the writer beside the
+            values.
+    """
 
     values: np.ndarray
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +161,16 @@ class Extractor:
     def extra_columns(self) -> list[str]:
         """Text columns an :class:`Output` carries, written before the features."""
         return []
+
+    @property
+    def side_tables(self) -> dict[str, pa.Schema]:
+        """Tables with any number of rows per item (speech segments, say), name → schema
+        with ``id`` first, written as ``<name>.parquet`` beside the main table; each item's
+        rows come in its :class:`Output`'s ``extra`` under the table's name. Columns named
+        ``start`` and ``end`` are seconds from the start of the signal given to
+        :meth:`transform`; the writer moves them to the recording's start (a manifest
+        segment's offset). Transcription extractors have their tables from their kind."""
+        return {}
 
     def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray | Output:
         """Compute features of one mono float32 signal on the CPU.

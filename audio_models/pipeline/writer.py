@@ -126,6 +126,14 @@ class ParquetFeatureWriter(BasePredictionWriter):
         taken = set(META_SCHEMA.names) | set(FRAME_META_SCHEMA.names) | {"features", "frame"}
         if kind == OutputKind.TRANSCRIPT:
             taken |= set(TRANSCRIPT_COLUMNS)
+        #: The extractor's own side tables (as the store was opened with them), built from
+        #: each record's ``extra``; a transcription run's tables come from its transcripts.
+        self.side_tables = {} if kind == OutputKind.TRANSCRIPT else dict(store.tables)
+        if set(self.side_tables) & set(self.extra_columns):
+            raise UserError(
+                f"side tables {sorted(set(self.side_tables) & set(self.extra_columns))} are "
+                "named like text columns of the same extractor"
+            )
         columns = (
             [n for n, _ in feature_groups] if feature_groups and kind == OutputKind.VECTOR else None
         )
@@ -294,6 +302,8 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 continue
             if record.failure is None and record.features is not None:
                 self._check_shape(record)
+            if record.failure is None and self.side_tables:
+                self._check_rows(record)
             if record.failure is None and record.features is None and record.transcript is None:
                 record.failure = Failure("transform", "NoOutput", "extractor returned nothing")
             if record.failure is not None:
@@ -308,6 +318,7 @@ class ParquetFeatureWriter(BasePredictionWriter):
                 part, tables = self._transcript_tables(done)
             elif done:
                 part, frames = self._tables(done, seq)
+                tables = self._side_rows(done)
             self.store.commit(
                 seq, part, self._failure_table(failures) if failures else None, frames, tables
             )
@@ -356,6 +367,37 @@ class ParquetFeatureWriter(BasePredictionWriter):
             fail(record, "write", ValueError(f"unexpected feature shape {features.shape}"))
         elif features.size and np.isnan(features).all():
             fail(record, "transform", ValueError("extractor returned only NaN"))
+
+    def _check_rows(self, record: Record) -> None:
+        """An item's side rows: every column of each table (but ``id``), equally long."""
+        for name, schema in self.side_tables.items():
+            rows = record.extra.get(name)
+            columns = set(schema.names) - {"id"}
+            if not isinstance(rows, dict) or set(rows) != columns:
+                found = sorted(rows) if isinstance(rows, dict) else type(rows).__name__
+                fail(record, "write", ValueError(f"{name} rows: columns {found}, not {columns}"))
+                return
+            if len({len(values) for values in rows.values()}) > 1:
+                fail(record, "write", ValueError(f"{name} rows: columns of different lengths"))
+                return
+
+    def _side_rows(self, records: list[Record]) -> dict[str, pa.Table]:
+        """The extractor's side tables of a batch; ``start``/``end`` move from the decoded
+        signal's start to the recording's (a manifest segment starts at its ``start``)."""
+        tables = {}
+        for name, schema in self.side_tables.items():
+            columns: dict[str, list[Any]] = {column: [] for column in schema.names}
+            for record in records:
+                rows = record.extra[name]
+                n = len(next(iter(rows.values()), []))
+                offset = float(record.meta.get("start") or 0.0)
+                columns["id"] += [record.item.id] * n
+                for column, values in rows.items():
+                    if column in ("start", "end"):
+                        values = [None if v is None else float(v) + offset for v in values]
+                    columns[column] += list(values)
+            tables[name] = pa.table(columns, schema=schema)
+        return tables
 
     def _failure_table(self, records: list[Record]) -> pa.Table:
         rows: dict[str, list[Any]] = {name: [] for name in FAILURE_SCHEMA.names}

@@ -312,7 +312,7 @@ def extract(
         config_hash,
         resume=cfg.resume,
         main_name="transcripts.parquet" if transcribes else "features.parquet",
-        tables=TRANSCRIPT_TABLES if transcribes else None,
+        tables=TRANSCRIPT_TABLES if transcribes else extractor.side_tables,
     )
     if rank_zero:
         store.open()  # locks the directory; other ranks join once the process group is up

@@ -3,6 +3,7 @@
 #   extract [hydra overrides...]   python -m runners.extract
 #   test [pytest args...]          ruff check + pytest
 #   bench [args...]                python -m benchmarks.extract
+#   gpu-check [args...]            python -m benchmarks.gpu (gpu tests + GPU benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,5 +54,13 @@ case "$cmd" in
   extract) exec .venv/bin/python -m runners.extract "$@" ;;
   test) .venv/bin/ruff check . && exec .venv/bin/python -m pytest "$@" ;;
   bench) exec .venv/bin/python -m benchmarks.extract "$@" ;;
-  *) echo "usage: $0 {extract|test|bench} [args...]" >&2; exit 2 ;;
+  gpu-check)
+    # Every gpu-marked test, then the GPU benchmarks, one table (benchmarks/gpu.py); about
+    # 5 minutes on one H100/H200. No GPU: say so and succeed, so CI on CPU hosts stays green.
+    if ! command -v nvidia-smi >/dev/null 2>&1 \
+      || ! .venv/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+      echo "no CUDA device: gpu-check skipped"; exit 0
+    fi
+    exec .venv/bin/python -m benchmarks.gpu "$@" ;;
+  *) echo "usage: $0 {extract|test|bench|gpu-check} [args...]" >&2; exit 2 ;;
 esac

@@ -157,3 +157,88 @@ def save_random_model(folder: Path, size: str) -> Path:
 def make_tiny_ecapa(folder: Path) -> Path:
     """A tiny random SpeechBrain ECAPA model directory, loadable as ``extractor.model``."""
     return save_random_ecapa(folder, **TINY_ECAPA)
+
+
+# -- issue #17: Whisper encoder, dimensional SER, audio classifiers ------------------------
+
+#: Two-layer variant of :data:`TINY` for the model extractors of issue #17.
+TINY_2 = {**TINY, "num_hidden_layers": 2}
+#: A Whisper small enough for tests: 16 mel bins and a 1 s window (50 encoder positions), so
+#: recordings over a second exercise the chunking that 30 s windows need for long files.
+TINY_WHISPER = {
+    "vocab_size": 64,
+    "num_mel_bins": 16,
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 40,
+    "decoder_ffn_dim": 40,
+    "max_source_positions": 50,
+    "max_target_positions": 16,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 3,
+}
+TINY_LABELS = {0: "neutral", 1: "happy", 2: "sad"}
+
+
+def _save_whisper_feature_extractor(folder: Path) -> None:
+    from transformers import WhisperFeatureExtractor
+
+    # chunk_length=1: a 1 s window of 100 log-mel frames, what max_source_positions=50 takes.
+    WhisperFeatureExtractor(
+        feature_size=TINY_WHISPER["num_mel_bins"], sampling_rate=16000, chunk_length=1
+    ).save_pretrained(folder)
+
+
+def make_tiny_whisper(folder: Path) -> Path:
+    """A random Whisper (encoder and decoder) with a 1 s window, loadable as
+    ``extractor=whisper_encoder extractor.model=<folder>``."""
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(0)
+    WhisperModel(WhisperConfig(**TINY_WHISPER)).save_pretrained(folder)
+    _save_whisper_feature_extractor(folder)
+    return folder
+
+
+def make_tiny_ser_dim(folder: Path, *, head: bool = True) -> Path:
+    """A random model in the layout of ``audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim``
+    (layer-norm encoder, ``wav2vec2.*`` and ``classifier.*``); ``head=False`` saves the encoder
+    only, which the ``ser_dim`` extractor must refuse."""
+    from audio_models.speech.ser_dim import DIMENSIONS, DimensionalEmotionModel
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        **TINY_2,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_labels=3,
+        id2label=dict(enumerate(DIMENSIONS)),
+    )
+    model = DimensionalEmotionModel(config)
+    (model if head else model.wav2vec2).save_pretrained(folder)
+    _save_feature_extractor(folder, attention_mask=True)
+    return folder
+
+
+def make_tiny_classifier(folder: Path, family: str = "wav2vec2-layer") -> Path:
+    """A random audio-classification model with :data:`TINY_LABELS`: ``family`` one of
+    :data:`FAMILIES` (a ``*ForSequenceClassification`` head) or ``whisper``."""
+    from transformers import AutoModelForAudioClassification, WhisperConfig
+
+    torch.manual_seed(0)
+    heads = {"num_labels": 3, "id2label": TINY_LABELS, "classifier_proj_size": 16}
+    if family == "whisper":
+        config = WhisperConfig(**TINY_WHISPER, **heads)
+        AutoModelForAudioClassification.from_config(config).save_pretrained(folder)
+        _save_whisper_feature_extractor(folder)
+        return folder
+    cls, norm = FAMILIES[family]
+    config = cls(**TINY_2, **heads, feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
+    AutoModelForAudioClassification.from_config(config).save_pretrained(folder)
+    _save_feature_extractor(folder, attention_mask=norm == "layer")
+    return folder

@@ -1,0 +1,134 @@
+"""Whisper's audio encoder as an embedding extractor (transformers ``WhisperModel.encoder``).
+
+Whisper's encoder takes a fixed window (30 s for the published models) of log-mel frames: the
+model's own ``WhisperFeatureExtractor`` pads every recording to that window, and the encoder has
+no attention mask, so its output frames past the end of the recording describe padding. Only the
+frames that cover the recording are kept (pooled or written): the feature extractor makes
+``ceil(n / hop)`` log-mel frames from ``n`` real samples (its attention mask), and the conv stack
+(kernel 3, stride 1, then kernel 3, stride 2, both padded by 1) turns ``m`` frames into
+``(m - 1) // 2 + 1``: ``ceil(n / 320)`` frames of 20 ms at 16 kHz.
+
+Because every row is padded to the window anyway, rows of any length share a batch at no cost
+and with the numbers each gives alone. Recordings longer than the window run in overlapping
+chunks, stitched on the frame grid by :class:`SelfSupervisedExtractor`'s chunking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from audio_models.extractor import Extractor
+from audio_models.speech.classifier import refuse_missing_weights
+from audio_models.speech.hub import hub_provenance, load_pretrained
+from audio_models.speech.ssl import SelfSupervisedExtractor, _checked_pooling, checked_layers
+from audio_models.utils.errors import UserError
+
+
+def _load(model: str, revision: str | None) -> tuple[Any, Any, Any]:
+    """Feature extractor, encoder and the folder the files came from."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    def encoder_model(source: str, *, revision: str | None) -> Any:
+        return WhisperModel.from_pretrained(source, revision=revision, output_loading_info=True)
+
+    (feature_extractor, (network, info)), folder = load_pretrained(
+        model, revision, [WhisperFeatureExtractor.from_pretrained, encoder_model]
+    )
+    refuse_missing_weights(model, info, ("encoder.",))
+    # Keep the encoder only: the decoder would sit on the device for nothing.
+    return feature_extractor, network.get_encoder().eval(), folder
+
+
+class WhisperEncoderExtractor(SelfSupervisedExtractor):
+    """Hidden states of Whisper's encoder over the frames that cover each recording.
+
+    Args:
+        name: registered extractor name.
+        model: hub id (``openai/whisper-base``…) or local directory (the same code path).
+        revision: pinned hub commit (ignored for a local directory).
+        layers: hidden-state indices (0 = the conv stack's output plus positions, k = encoder
+            layer k, the last one after the final layer norm; negative from the end) or ``"all"``.
+        pooling: ``none`` (frames), ``mean`` or ``mean_std`` over the kept frames.
+        sample_rate: the model's input rate.
+        overlap_s: overlap of the window-long chunks of longer recordings.
+        chunk_batch: chunks of one recording per forward.
+        storage_dtype: ``float32`` or ``float16`` (stored values; computation unaffected).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: str,
+        revision: str | None = None,
+        layers: list[int] | str = (-1,),
+        pooling: str = "mean",
+        sample_rate: int = 16000,
+        overlap_s: float = 2.0,
+        chunk_batch: int = 4,
+        storage_dtype: str = "float32",
+    ) -> None:
+        Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
+        self.pooling = _checked_pooling(pooling)  # before the (slow) model load
+        self.model_id, self.revision = model, revision
+        self.feature_extractor, self.network, folder = _load(model, revision)
+        fe, config = self.feature_extractor, self.network.config
+        if fe.sampling_rate != sample_rate:
+            raise UserError(f"{model} expects {fe.sampling_rate} Hz; set extractor.sample_rate")
+        conv = self.network.conv1.stride[0] * self.network.conv2.stride[0]
+        if fe.nb_max_frames != config.max_source_positions * conv:
+            raise UserError(
+                f"{model}: the feature extractor makes {fe.nb_max_frames} frames but the "
+                f"encoder takes {config.max_source_positions * conv}"
+            )
+        self.normalize = False  # the log-mel features are the feature extractor's business
+        self.use_mask = True  # chunks of one recording share a forward (see _pads)
+        self.layers = checked_layers(layers, config.encoder_layers + 1)
+        self.dim = config.d_model
+        self.hop = int(fe.hop_length)
+        self.stride = self.hop * conv
+        self._frame_shift = self.stride / sample_rate
+        self.window = int(fe.n_samples)
+        # Chunks plus the sub-frame remainder the last one may carry must fit the window.
+        chunk_s = (self.window - self.stride) / sample_rate
+        if not 0 <= overlap_s < chunk_s:
+            raise UserError(f"extractor.overlap_s={overlap_s}: need 0 <= overlap < {chunk_s} s")
+        self._plan_chunks(chunk_s, overlap_s, chunk_batch)
+        self._provenance = {"whisper_encoder.window_s": str(self.window / sample_rate)}
+        self._provenance.update(
+            hub_provenance("whisper_encoder", model, revision, self.network, folder)
+        )
+
+    @property
+    def min_samples(self) -> int:
+        return 1  # the feature extractor pads any recording to the window
+
+    def _pads(self, device: torch.device) -> bool:
+        return True  # every row is padded to the window anyway: batching adds no work
+
+    def padded_samples(self, lengths: torch.Tensor, device: torch.device) -> int:
+        return 0  # the window padding is the model's own, the same batched or alone
+
+    def _frame_counts(self, samples: torch.Tensor) -> torch.Tensor:
+        """``ceil(n / hop)`` log-mel frames (the feature extractor's attention mask), through
+        the encoder's conv stack."""
+        mel = torch.div(samples + self.hop - 1, self.hop, rounding_mode="floor")
+        return self.network._get_feat_extract_output_lengths(mel)
+
+    def _hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per row, the selected layers' frames that cover the row's samples."""
+        rows = [x[row, :n].float().cpu().numpy() for row, n in enumerate(lengths.tolist())]
+        if max(len(r) for r in rows) > self.window:  # the feature extractor would truncate
+            raise ValueError(f"a row is longer than the {self.window}-sample window")
+        features = self.feature_extractor(
+            rows,
+            sampling_rate=self.sample_rate,
+            return_tensors="pt",
+            device=str(x.device),
+        ).input_features.to(x.device)
+        out = self.network(features, output_hidden_states=True)
+        frames = self._frame_counts(lengths.cpu()).tolist()
+        states = [out.hidden_states[layer] for layer in self.layers]
+        return [[s[row, :count].float() for s in states] for row, count in enumerate(frames)]

@@ -196,6 +196,11 @@ def _source(source: Any) -> _Source:
         dataset = AudformatDataset.from_database(source)
         # Results come back on the database's own (file, start, end), so they join its tables.
         return _Source(items=dataset.items, index=dataset.index, dtypes=dataset.dtypes)
+    lhotse = sys.modules.get("lhotse")
+    if lhotse is not None and isinstance(source, lhotse.CutSet):
+        from audio_models.data.corpora import LhotseDataset
+
+        return _Source(items=LhotseDataset.from_cuts(source).items)
     if isinstance(source, pd.DataFrame | pd.Series | pd.Index):
         frame = source.to_frame() if isinstance(source, pd.Series) else source
         if isinstance(frame, pd.Index):
@@ -237,8 +242,9 @@ def _source(source: Any) -> _Source:
             raise UserError("no files to process")
         return _items_source((f, None, None, {}) for f in files)
     raise UserError(
-        "source must be a folder, a manifest (.csv/.tsv/.jsonl), a list of files, a "
-        f"DataFrame with a file index or an audformat.Database; got {type(source).__name__}"
+        "source must be a folder, a manifest (.csv/.tsv/.jsonl), a list of files, a DataFrame "
+        "with a file index, an audformat.Database or a lhotse CutSet; "
+        f"got {type(source).__name__}"
     )
 
 

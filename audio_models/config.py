@@ -244,6 +244,16 @@ class AudformatDatasetConfig:
     text_column: str | None = None  # reference transcripts: transcription runs log WER
 
 
+@dataclass
+class LhotseDatasetConfig:
+    _target_: str = "audio_models.data.corpora.LhotseDataset"
+    name: str = "lhotse"
+    cuts: str = MISSING  # a CutSet manifest: cuts.jsonl or cuts.jsonl.gz
+    audio_root: str | None = None  # relative recording paths resolve here (None: its folder)
+    label_column: str | None = None
+    text_column: str | None = None  # "transcript": transcription runs log WER against it
+
+
 # -- device and tracking ------------------------------------------------------------------
 
 
@@ -395,6 +405,7 @@ def _register() -> None:
         ("dataset", "manifest", ManifestDatasetConfig),
         ("dataset", "kaldi", KaldiDatasetConfig),
         ("dataset", "audformat", AudformatDatasetConfig),
+        ("dataset", "lhotse", LhotseDatasetConfig),
         ("device", "device", DeviceConfig),
         ("tracking", "mlflow", MlflowConfig),
         ("tracking", "server", MlflowConfig),

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from audio_models.config import OpenSmileConfig
-from audio_models.data.corpora import AudformatDataset, KaldiDataset
+from audio_models.data.corpora import AudformatDataset, KaldiDataset, LhotseDataset
 from audio_models.data.datasets import DemoDataset, FolderDataset, ManifestDataset
 from audio_models.pipeline.device import DeviceSpec
 from audio_models.registry import register_extractor, registered_extractors
@@ -111,6 +111,7 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         ("dataset", "manifest"): ManifestDataset,
         ("dataset", "kaldi"): KaldiDataset,
         ("dataset", "audformat"): AudformatDataset,
+        ("dataset", "lhotse"): LhotseDataset,
         ("device", "auto"): DeviceSpec,
         ("device", "cpu"): DeviceSpec,
         ("device", "cuda"): DeviceSpec,
@@ -128,6 +129,7 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         "manifest": [f"dataset.path={tmp_path}/m.csv"],
         "kaldi": [f"dataset.root={tmp_path}"],  # constructing reads nothing; listing would
         "audformat": [f"dataset.root={tmp_path}"],
+        "lhotse": [f"dataset.cuts={tmp_path}/cuts.jsonl"],
     }
     for (group, option), cls in expected.items():
         overrides = [f"{group}={option}", "output_dir=unused", *extra.get(option, [])]

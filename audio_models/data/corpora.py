@@ -442,3 +442,156 @@ class AudformatDataset(AudioDataset):
             index[item_id] = (file, begin, stop)
         self.index = index
         return items
+
+
+# -- lhotse -------------------------------------------------------------------------------
+
+
+def _agreed(values: list[Any]) -> Any:
+    """One label from a cut's supervisions: the value when they agree, else the distinct
+    values in time order joined by ``,`` (a cut spanning two speakers says so)."""
+    present = [v for v in values if v is not None]
+    distinct = list(dict.fromkeys(present))
+    if not distinct:
+        return None
+    return distinct[0] if len(distinct) == 1 else ",".join(str(v) for v in distinct)
+
+
+class LhotseDataset(AudioDataset):
+    """A lhotse CutSet manifest (``cuts.jsonl`` / ``.jsonl.gz``), read with lhotse.
+
+    One item per cut: its recording's file, ``[cut.start, cut.start + cut.duration)``, the cut
+    id as item id. Supervision fields become label columns: ``speaker``, ``transcript`` (the
+    supervisions' text in time order; not ``text``, the column transcription runs write),
+    ``language``, ``gender`` and every ``custom`` key; where a cut's supervisions disagree, the
+    distinct values joined by ``,``.
+
+    Args:
+        name: dataset name.
+        cuts: the CutSet manifest.
+        audio_root: folder relative recording paths resolve against (default: the manifest's
+            folder).
+        label_column: the primary label.
+        text_column: the reference transcript column (``transcript``).
+
+    Raises (on listing):
+        UserError: an unreadable manifest; a cut that is not a single-recording cut (mixed,
+            padding), whose recording has transforms (speed, volume: not a slice of a file),
+            whose audio is not a plain file (a ``command`` source would run a shell and is
+            refused, never run; a ``url`` or in-memory source is not read), or that selects
+            some channels of a multi-channel recording.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "lhotse",
+        cuts: str,
+        audio_root: str | None = None,
+        label_column: str | None = None,
+        text_column: str | None = None,
+    ) -> None:
+        super().__init__(name=name, label_column=label_column, text_column=text_column)
+        self.cuts = Path(cuts).expanduser()
+        self.audio_root = Path(audio_root).expanduser() if audio_root else self.cuts.parent
+        self._given: Any = None  # a CutSet object (from_cuts) instead of a manifest
+
+    @classmethod
+    def from_cuts(cls, cuts: Any, **options: Any) -> LhotseDataset:
+        """The items of a ``CutSet`` in memory (``am.extract(cuts, ...)``); relative paths
+        resolve against the working directory, as lhotse resolves them."""
+        options.setdefault("audio_root", str(Path.cwd()))
+        dataset = cls(cuts="<CutSet>", **options)
+        dataset._given = cuts
+        return dataset
+
+    def describe(self) -> str:
+        return (
+            "lhotse CutSet in memory" if self._given is not None else f"lhotse CutSet {self.cuts}"
+        )
+
+    def _file(self, cut: Any, where: str) -> str:
+        recording = cut.recording
+        if recording is None:
+            raise UserError(f"{where}: no recording")
+        if recording.transforms:
+            kinds = [
+                t.get("name", "?") if isinstance(t, dict) else type(t).__name__
+                for t in recording.transforms
+            ]
+            raise UserError(
+                f"{where}: its recording has transforms {kinds}, so its audio is not a slice "
+                "of a file; store the transformed audio as files first"
+            )
+        wanted = cut.channel if isinstance(cut.channel, list) else [cut.channel]
+        if recording.num_channels > 1 and sorted(wanted) != list(range(recording.num_channels)):
+            raise UserError(
+                f"{where}: selects channel(s) {wanted} of a {recording.num_channels}-channel "
+                "recording; loader.channel_policy applies to every item, so split the channels "
+                "into files of their own first"
+            )
+        sources = [s for s in recording.sources if set(s.channels) & set(wanted)]
+        if len(sources) != 1:
+            raise UserError(f"{where}: its channels come from {len(sources)} audio sources")
+        (source,) = sources
+        if source.type != "file":
+            # "command" sources are shell commands: refused, never executed.
+            raise UserError(
+                f"{where}: audio source of type {source.type!r} is refused; only plain files "
+                "are read (a command would run a shell)"
+            )
+        path = Path(str(source.source)).expanduser()
+        return str(path if path.is_absolute() else self.audio_root / path)
+
+    def _load(self) -> list[Item]:
+        from lhotse import CutSet  # here: lhotse imports torch, which checking configs avoids
+        from lhotse.cut import MonoCut
+
+        if self._given is not None:
+            cuts = list(self._given)
+        else:
+            if not self.cuts.is_file():
+                raise UserError(f"lhotse manifest {str(self.cuts)!r} does not exist")
+            try:
+                cuts = list(CutSet.from_file(self.cuts))
+            except Exception as exc:  # lhotse raises what its parsers raise
+                raise UserError(f"cannot read lhotse manifest {str(self.cuts)!r}: {exc}") from None
+        rows: list[tuple[Any, str, dict[str, Any]]] = []
+        for number, cut in enumerate(cuts, start=1):
+            where = f"{self.cuts} cut {number} ({cut.id!r})"
+            if not isinstance(cut, MonoCut):
+                raise UserError(
+                    f"{where}: a {type(cut).__name__}; only single-recording cuts are read"
+                )
+            path = self._file(cut, where)
+            supervisions = sorted(cut.supervisions, key=lambda s: s.start)
+            labels: dict[str, Any] = {
+                SPEAKER: _agreed([s.speaker for s in supervisions]),
+                TRANSCRIPT: (
+                    " ".join(s.text for s in supervisions if s.text)
+                    if any(s.text for s in supervisions)
+                    else None
+                ),
+                "language": _agreed([s.language for s in supervisions]),
+                "gender": _agreed([s.gender for s in supervisions]),
+            }
+            for key in dict.fromkeys(k for s in supervisions for k in (s.custom or {})):
+                labels[key] = _agreed([(s.custom or {}).get(key) for s in supervisions])
+            rows.append((cut, path, _check_labels(labels, where)))
+        # Every item carries every column (a cut without a field: a missing label); columns
+        # that no cut fills are left out.
+        filled = [
+            k
+            for k in dict.fromkeys(k for _, _, lab in rows for k in lab)
+            if any(lab.get(k) is not None for _, _, lab in rows)
+        ]
+        return [
+            Item(
+                id=cut.id,
+                path=path,
+                start=float(cut.start),
+                end=float(cut.start) + float(cut.duration),
+                labels={key: _plain(labels.get(key)) for key in filled},
+            )
+            for cut, path, labels in rows
+        ]

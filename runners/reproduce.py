@@ -343,6 +343,17 @@ def _list_dataset(run_cfg: DictConfig, tags: dict[str, str], report: Report) -> 
 # -- the sample -------------------------------------------------------------------------
 
 
+def _windowed(run_cfg: DictConfig, items: list[Item] | None) -> list[Item] | None:
+    """The run's windows of the listed items (``windows.size_s``): the units its outputs hold.
+    The re-run gets these windows as its items, with windowing off (it would cut them again)."""
+    windows = run_cfg.get("windows")
+    if items is None or windows is None or windows.get("size_s") is None:
+        return items
+    from audio_models.data.windows import window_items
+
+    return window_items(items, windows.size_s, windows.get("hop_s"), windows.get("last", "partial"))
+
+
 def _sample_ids(reference: Run, n_items: Any, seed: int) -> tuple[list[str], int]:
     ids = sorted(set(reference.items["id"].astype(str)) | set(reference.failures["id"].astype(str)))
     if isinstance(n_items, str) and n_items == "all":
@@ -385,8 +396,8 @@ def _items_for(
             Difference(
                 "dataset",
                 "items",
-                f"{len(missing)} sampled item(s) listed",
-                f"not in the dataset now: {missing[:5]}",
+                "listed",
+                f"{len(missing)} sampled item(s) no longer listed: {missing[:5]}",
             )
         )
     return items
@@ -398,6 +409,8 @@ def _rerun_config(cfg: DictConfig, run_cfg: DictConfig, out: Path) -> DictConfig
     rerun.output_dir = str(out)
     rerun.resume = False
     rerun.progress_bar = False
+    if rerun.get("windows") is not None:
+        rerun.windows.size_s = None  # the items are the run's windows already
     if cfg.device is not None:
         rerun.device.accelerator = cfg.device
     if cfg.num_workers is not None:
@@ -666,7 +679,7 @@ def _reproduce(cfg: DictConfig) -> Report:
     masked = [k for k, v in run.data.params.items() if v == "***"]
     if masked:
         report.notes.append(f"values masked in the record, re-run as masked: {masked}")
-    listed = _list_dataset(run_cfg, tags, report)
+    listed = _windowed(run_cfg, _list_dataset(run_cfg, tags, report))
     items = _items_for(ids, listed, reference, report)
     pd.DataFrame(
         [{"id": i.id, "path": i.path, "start": i.start, "end": i.end} for i in items]
@@ -684,6 +697,8 @@ def _reproduce(cfg: DictConfig) -> Report:
     report.groups, report.items = compare_outputs(
         reference, rerun, ids, rtol=report.rtol, atol=report.atol
     )
+    # (A windowed run's re-run has windowing off, so its settings hash and item keys differ
+    # and this check is left out.)
     if listed is not None and result.tags.get("config_hash") == tags.get("config_hash"):
         # Same settings: an item key differs only when the item's audio bytes (or bounds) do.
         old, new = _item_keys(reference, ids), _item_keys(rerun, ids)

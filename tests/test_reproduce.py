@@ -102,6 +102,15 @@ def test_a_run_reproduces_exactly(make_cfg, mlflow_store, tmp_path: Path, name: 
     assert (tmp_path / "repro" / "rerun" / "failures.parquet").is_file()
 
 
+def test_a_windowed_run_reproduces(make_cfg, mlflow_store, tmp_path: Path) -> None:
+    uri, tracking = mlflow_store
+    run_id = _run(make_cfg, tracking, "dataset.n_clips=3", "windows.size_s=1.0")
+    report = reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro", "n_items=5"))
+    assert report.exit_code == 0, report.render()
+    assert len(report.sampled) == 5 and all("@" in i for i in report.sampled)
+    assert {g.n_items for g in report.groups} == {5}
+
+
 def test_a_changed_data_file_is_reported(
     make_cfg, mlflow_store, corpus: Path, tmp_path: Path
 ) -> None:

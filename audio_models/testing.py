@@ -242,3 +242,25 @@ def make_tiny_classifier(folder: Path, family: str = "wav2vec2-layer") -> Path:
     AutoModelForAudioClassification.from_config(config).save_pretrained(folder)
     _save_feature_extractor(folder, attention_mask=norm == "layer")
     return folder
+
+
+#: whisper-base's encoder (the decoder cut to one small layer: the extractor never runs it).
+WHISPER_BASE = {
+    **TINY_WHISPER,
+    "num_mel_bins": 80,
+    "d_model": 512,
+    "encoder_layers": 6,
+    "encoder_attention_heads": 8,
+    "encoder_ffn_dim": 2048,
+    "max_source_positions": 1500,
+}
+
+
+def save_random_whisper_base(folder: Path) -> Path:
+    """Random weights of whisper-base's encoder with its 30 s, 80-mel feature extractor."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    WhisperModel(WhisperConfig(**WHISPER_BASE)).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80, sampling_rate=16000).save_pretrained(folder)
+    return folder

@@ -1,6 +1,7 @@
 """Benchmark: wav2vec2-family embeddings through the runner vs a per-file transformers loop.
 
     python -m benchmarks.ssl [--n-files 24] [--sizes base large] [--precision 32 bf16-mixed]
+    python -m benchmarks.ssl --whisper [--sizes]  # whisper_encoder too (bare --sizes: only it)
 
 Random weights of the real architectures (base: wav2vec2-base, group-norm encoder; large:
 XLSR-53's layer-norm encoder, 24 layers × 1024) cost what the trained models cost, without a
@@ -31,6 +32,7 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from audio_models.testing import (  # the random-model factories tests use too
     SIZES,
     save_random_model,
+    save_random_whisper_base,
 )
 from benchmarks.extract import build_corpus, compose_extract
 
@@ -191,12 +193,58 @@ def ddp_scaling(folder: Path, corpus: Path, tmp: Path, audio_s: float, args: Any
     )
 
 
+def whisper_line(tmp: Path, corpus: Path, files: list[Path], audio_s: float, args: Any) -> None:
+    """``extractor=whisper_encoder`` on whisper-base's encoder (random weights) against the
+    per-file loop: ``WhisperFeatureExtractor`` + the encoder on each file, the frames that
+    cover the recording mean pooled (every file here is under the 30 s window)."""
+    import math
+
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    from runners.extract import extract
+
+    folder = save_random_whisper_base(tmp / "whisper-base")
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(folder)
+    encoder = WhisperModel.from_pretrained(folder).encoder.eval().to(args.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in files:
+            audio, rate = sf.read(path, dtype="float32")
+            inputs = feature_extractor(audio, sampling_rate=rate, return_tensors="pt")
+            states = encoder(inputs.input_features.to(args.device)).last_hidden_state
+            states[0, : math.ceil(len(audio) / 320)].mean(0).cpu()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    loop = audio_s / (time.perf_counter() - started)
+    workers = 1 if args.device == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 2))
+    cfg = compose_extract(
+        [
+            "extractor=whisper_encoder",
+            f"extractor.model={folder}",
+            "dataset=folder",
+            f"dataset.root={corpus}",
+            f"device={args.device}",
+            f"loader.num_workers={workers}",
+            "loader.batch_size=16",
+            f"output_dir={tmp / 'whisper-out'}",
+        ]
+    )
+    started = time.perf_counter()
+    result = extract(cfg)
+    rate = audio_s / (time.perf_counter() - started)
+    print(
+        f"whisper_encoder base 32: runner {rate:.2f} audio s/s (predict loop "
+        f"{result.metrics['audio_s_per_s']:.2f}), per-file loop {loop:.2f} audio s/s, ratio "
+        f"{rate / loop:.2f}x (each file costs one 30 s window either way)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n-files", type=int, default=24)
-    parser.add_argument("--sizes", nargs="+", default=["base", "large"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="*", default=["base", "large"], choices=sorted(SIZES))
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
     parser.add_argument("--batch-audio-s", type=float, default=60.0)
     parser.add_argument(
@@ -208,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="also run device=ddp with 1 and this many processes and print the scaling",
+    )
+    parser.add_argument(
+        "--whisper", action="store_true", help="also run whisper_encoder (whisper-base size)"
     )
     args = parser.parse_args(argv)
     # On a 2-core CPU one loader process leaves a core to the model; a GPU host feeds it with
@@ -224,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         audio_s = sum(sf.info(str(f)).duration for f in files)
         threads = torch.get_num_threads()
         print(f"corpus: {len(files)} files, {audio_s:.1f} s of audio; torch threads {threads}")
+        if args.whisper:
+            whisper_line(Path(tmp), corpus, files, audio_s, args)
         for size in args.sizes:
             folder = save_random_model(Path(tmp) / size, size)
             loop = audio_s / per_file_loop(folder, files, args.device)

@@ -119,6 +119,8 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
 
     def _hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per row, the selected layers' frames that cover the row's samples."""
+        # The model's own feature extractor (its STFT on the run's device), so the log-mel
+        # input is exactly what the model card's code gives; it takes numpy rows.
         rows = [x[row, :n].float().cpu().numpy() for row, n in enumerate(lengths.tolist())]
         if max(len(r) for r in rows) > self.window:  # the feature extractor would truncate
             raise ValueError(f"a row is longer than the {self.window}-sample window")

@@ -22,6 +22,9 @@ end of a run consolidates the parts into the final files:
   ``avg_logprob``) and ``words.parquet`` (``id``, ``segment``, ``word_index``, ``word``,
   ``start``, ``end``, ``score``, ``speaker``), times in seconds from the start of the recording.
   Per batch they are committed as ``.progress/segments-N`` / ``words-N`` before the part.
+- Other extractors may declare side tables of their own (``Extractor.side_tables``; the VAD's
+  ``segments.parquet``: ``id``, ``segment``, ``start``, ``end``, ``confidence``), committed and
+  consolidated the same way; every declared table exists (empty) when every item failed.
 
 Every final file carries the settings hash in its Parquet metadata; outputs of other settings
 are never mixed in.

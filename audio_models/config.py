@@ -388,7 +388,7 @@ class ReproduceConfig:
     seed: int = 0  # which items the sample takes
     rtol: float = 1e-4  # outputs are equal when |new - old| <= atol + rtol * |old|
     atol: float = 1e-5
-    device: str | None = None  # None: the run's own device settings; cpu | cuda | auto
+    accelerator: str | None = None  # None: the run's device settings; cpu | cuda | auto
     num_workers: int | None = None  # None: the run's loader.num_workers
     output_dir: str = MISSING
 

@@ -19,7 +19,7 @@ Examples:
     python -m runners.reproduce run_id=3f2a...                      # ./mlflow.db
     python -m runners.reproduce run_id=3f2a... n_items=all
     python -m runners.reproduce run_id=3f2a... tracking=server tracking.uri=http://host:5000
-    python -m runners.reproduce run_id=3f2a... device=cpu rtol=1e-2   # a GPU run, on a CPU box
+    python -m runners.reproduce run_id=3f2a... accelerator=cpu rtol=1e-2  # GPU run, CPU box
 """
 
 from __future__ import annotations
@@ -409,10 +409,14 @@ def _rerun_config(cfg: DictConfig, run_cfg: DictConfig, out: Path) -> DictConfig
     rerun.output_dir = str(out)
     rerun.resume = False
     rerun.progress_bar = False
+    if rerun.device.get("strategy") not in (None, "auto") or rerun.device.get("num_nodes", 1) != 1:
+        # A distributed run's outputs do not depend on how items were sharded: one process
+        # re-runs the sample (a re-launch of this command per rank would re-run it N times).
+        rerun.device.strategy, rerun.device.devices, rerun.device.num_nodes = "auto", 1, 1
     if rerun.get("windows") is not None:
         rerun.windows.size_s = None  # the items are the run's windows already
-    if cfg.device is not None:
-        rerun.device.accelerator = cfg.device
+    if cfg.accelerator is not None:
+        rerun.device.accelerator = cfg.accelerator
     if cfg.num_workers is not None:
         rerun.loader.num_workers = cfg.num_workers
     return rerun
@@ -585,8 +589,8 @@ def _check_rerun_tags(
         if name not in tags or tags[name] == now.get(name):
             continue
         change = Difference("runtime", name, tags[name], now.get(name, "(not reported)"))
-        if cfg.device is not None and name in ("accelerator", "cpu_linear_backend"):
-            report.notes.append(f"{change.line()} (device={cfg.device} was asked for)")
+        if cfg.accelerator is not None and name in ("accelerator", "cpu_linear_backend"):
+            report.notes.append(f"{change.line()} (accelerator={cfg.accelerator} was asked for)")
         else:
             report.environment.append(change)
 
@@ -687,6 +691,12 @@ def _reproduce(cfg: DictConfig) -> Report:
 
     rerun_cfg = _rerun_config(cfg, run_cfg, rerun_dir)
     try:
+        build(rerun_cfg, "device").check_available()
+    except UserError as exc:
+        raise UserError(
+            f"{exc} (the run's device; accelerator=cpu re-runs it on the CPU)"
+        ) from None
+    try:
         result = extract(rerun_cfg, dataset=ItemsDataset(items=items), overrides=report.overrides)
     except (UserError, RuntimeError, OSError) as exc:
         # The environment cannot run it (a missing checkout, weights): that is the finding.
@@ -718,6 +728,9 @@ def _reproduce(cfg: DictConfig) -> Report:
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="reproduce")
 @task
 def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "run_id"):
+        print("error: run_id=<id> is required (the MLflow run to reproduce)", file=sys.stderr)
+        sys.exit(2)
     try:
         report = reproduce(cfg)
     except UserError as exc:

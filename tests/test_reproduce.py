@@ -196,6 +196,9 @@ def test_configuration_errors(make_cfg, mlflow_store, tmp_path: Path) -> None:
     run_id = _run(make_cfg, tracking, "dataset.n_clips=2")
     with pytest.raises(UserError, match="n_items"):
         reproduce(reproduce_cfg(uri, run_id, tmp_path / "b", "n_items=0"))
+    if not torch.cuda.is_available():  # a GPU run on a CPU box: stop before any work, say how
+        with pytest.raises(UserError, match="accelerator=cpu re-runs it"):
+            reproduce(reproduce_cfg(uri, run_id, tmp_path / "c", "accelerator=cuda"))
 
 
 def test_a_sweep_child_from_the_command_line(tmp_path: Path) -> None:

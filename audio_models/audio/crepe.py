@@ -90,7 +90,7 @@ class CrepeExtractor(Extractor):
             ``argmax`` or ``weighted_argmax`` (the original CREPE's).
         voicing_threshold: a frame is voiced where its periodicity is at least this
             (``torchcrepe.threshold.At``; 0.21 is what torchcrepe's README found to work for
-            clean speech).
+            clean speech, there after a median filter of the periodicity, not applied here).
         pooling: ``none``: frames of ``f0_hz`` (the decoded F0 in every frame, voiced or not),
             ``periodicity`` and ``voiced`` (1.0 or 0.0); ``summary``: per item the mean,
             standard deviation (population) and 10th/50th/90th percentiles (linear

@@ -4,7 +4,8 @@
     bash scripts/dev.sh gpu-check          # the same, after the environment is synced
 
 Without a CUDA device it prints ``no CUDA device: gpu-check skipped`` and exits 0. On one
-H100/H200-class GPU the whole check takes about 5 minutes (sizes below are set for that). The
+H100/H200-class GPU the whole check is sized to finish within 8 minutes (the tests get at most
+``TESTS_TIMEOUT_S``; not yet timed on a GPU: the first run's title line says how long). The
 table has two parts:
 
 - tests: each ``gpu`` test (``pytest -m gpu tests/``) with its result, seconds and the figures

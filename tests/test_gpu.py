@@ -13,8 +13,9 @@ a CUDA device every ``gpu`` test skips. Each comparison runs the same items thro
   times of those within the fp32 bounds; at bf16/float16 the share of identical texts and the
   largest score/time difference are printed.
 
-Models are the tiny random ones the other tests build (nothing is downloaded), so the suite
-takes about a minute; ``benchmarks/gpu.py`` measures the real sizes.
+Models are the tiny random ones the other tests build (nothing is downloaded; the OOM test alone
+uses a wav2vec2-base-size one), so the suite stays short; ``benchmarks/gpu.py`` measures the
+real sizes.
 """
 
 from __future__ import annotations

@@ -407,11 +407,10 @@ def extract(
             metrics=dict(result.metrics),
             output_dir=out if keep else None,
         )
-        if run.transcribed:
-            frame.attrs.update(
-                segments=_side_records(run.segments, src.index),
-                words=_side_records(run.words, src.index),
-            )
+        # Side tables (a transcriber's segments and words, the VAD's segments) as records.
+        for name in ("segments", "words"):
+            if (out / f"{name}.parquet").exists():
+                frame.attrs[name] = _side_records(run._side(name), src.index)
         if len(run.failures):
             warnings.warn(
                 f"{len(run.failures)} of {len(run.failures) + len(run.items)} items failed "
@@ -607,8 +606,11 @@ def load(output_dir: str | os.PathLike[str]) -> Run:
     """
     folder = Path(output_dir)
     features, transcripts = folder / "features.parquet", folder / "transcripts.parquet"
-    # Transcription runs write segments/words even when every item failed.
-    transcribed = transcripts.exists() or (folder / "segments.parquet").exists()
+    # Transcription runs write transcripts.parquet even when every item failed (runs from
+    # before that wrote only segments and words; a VAD run has segments but features).
+    transcribed = transcripts.exists() or (
+        not features.exists() and (folder / "words.parquet").exists()
+    )
     main = transcripts if transcribed else features
     failures_path = folder / "failures.parquet"
     if (folder / ".progress").is_dir() or not failures_path.exists():

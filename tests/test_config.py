@@ -24,7 +24,11 @@ def _options(group: str) -> list[str]:
 
 
 # Extractors that need a model file to instantiate (tested in their own modules).
-MODEL_EXTRACTORS = {
+MODEL_EXTRACTORS = {  # each instantiated in its own test module (test_models, test_vad, ...)
+    "whisper_encoder",
+    "ser_dim",
+    "audio_classifier",
+    "vad",
     "ser",
     "xlsr",
     "wav2vec2",

@@ -138,10 +138,13 @@ def run_tests(tmp: Path) -> tuple[list[Row], bool]:
 @contextmanager
 def gpu_utilisation() -> Iterator[list[int]]:
     """Samples ``utilization.gpu`` (percent of time a kernel ran) every 100 ms while the
-    block runs; the list holds the samples afterwards."""
+    block runs; the list holds the samples afterwards (none without a CUDA device)."""
     import torch
 
     samples: list[int] = []
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        yield samples
+        return
     command = [
         "nvidia-smi",
         "--query-gpu=utilization.gpu",
@@ -168,6 +171,11 @@ def gpu_utilisation() -> Iterator[list[int]]:
         sampler.terminate()
         sampler.wait(10)
         reader.join(5)
+
+
+def _rate(audio_s_per_s: float) -> str:
+    """Three significant figures, without an exponent for the GPU's thousands."""
+    return f"{audio_s_per_s:.0f}" if audio_s_per_s >= 100 else f"{audio_s_per_s:.3g}"
 
 
 def _util(samples: list[int]) -> str:
@@ -206,25 +214,25 @@ def corpus(out: Path, n_files: int) -> tuple[list[Path], str]:
     return files, "synthetic vowels"
 
 
-def ssl_rows(tmp: Path, files: list[Path], audio_s: float, workers: int) -> list[Row]:
+def ssl_rows(tmp: Path, files: list[Path], audio_s: float, workers: int, device: str) -> list[Row]:
     import torch
 
     from audio_models.testing import save_random_model
     from benchmarks.ssl import bf16_peak_tflops, flops_per_audio_second, per_file_loop, runner
 
-    peak = bf16_peak_tflops(torch.cuda.get_device_name())
+    peak = bf16_peak_tflops(torch.cuda.get_device_name()) if device == "cuda" else None
     rows = []
     for size, label in (("base", "wav2vec2 base"), ("large", "XLSR size")):
         folder = save_random_model(tmp / f"ssl-{size}", size)
-        flops = flops_per_audio_second(folder, "cuda")
-        per_file_loop(folder, files[:2], "cuda")  # kernels and cuDNN plans, for both sides
-        loop_s, loop_util = _timed(lambda f=folder: per_file_loop(f, files, "cuda"))
+        flops = flops_per_audio_second(folder, device)
+        per_file_loop(folder, files[:2], device)  # kernels and cuDNN plans, for both sides
+        loop_s, loop_util = _timed(lambda f=folder: per_file_loop(f, files, device))
         loop = audio_s / loop_s
         rows.append(
             Row(
                 "benchmarks",
                 f"{label} per-file loop fp32",
-                f"{loop:.0f} audio s/s",
+                f"{_rate(loop)} audio s/s",
                 f"{loop_s:.1f}",
                 _util(loop_util),
             )
@@ -233,21 +241,25 @@ def ssl_rows(tmp: Path, files: list[Path], audio_s: float, workers: int) -> list
             out = tmp / f"ssl-{size}-{precision}"
             with gpu_utilisation() as wall_util:
                 wall, metrics, _ = runner(
-                    folder, files[0].parent, out, precision, 60.0, "cuda", workers
+                    folder, files[0].parent, out, precision, 60.0, device, workers
                 )
             rate = audio_s / wall
+            memory = (
+                f"; peak GPU {metrics['peak_gpu_mb'] / 1024:.1f} GiB"
+                if "peak_gpu_mb" in metrics
+                else ""
+            )
             achieved = flops * rate / 1e12
             share = f" = {achieved / peak:.1%} of bf16 peak" if peak else ""
             rows.append(
                 Row(
                     "benchmarks",
                     f"{label} runner {precision}",
-                    f"{rate:.0f} audio s/s",
+                    f"{_rate(rate)} audio s/s",
                     f"{wall:.1f}",
-                    f"{rate / loop:.2f}x loop; predict loop {metrics['audio_s_per_s']:.0f} "
+                    f"{rate / loop:.2f}x loop; predict loop {_rate(metrics['audio_s_per_s'])} "
                     f"audio s/s; {achieved:.1f} TFLOP/s{share}; {_util(wall_util)}; padding "
-                    f"{metrics['padding_fraction']:.1%}; peak GPU "
-                    f"{metrics.get('peak_gpu_mb', 0) / 1024:.1f} GiB",
+                    f"{metrics['padding_fraction']:.1%}{memory}",
                 )
             )
         shutil.rmtree(folder, ignore_errors=True)
@@ -255,7 +267,7 @@ def ssl_rows(tmp: Path, files: list[Path], audio_s: float, workers: int) -> list
 
 
 def direct_whisperx(
-    model: Path, aligner: Path, files: list[Path], max_new_tokens: int, batch: int
+    model: Path, aligner: Path, files: list[Path], max_new_tokens: int, batch: int, device: str
 ) -> float:
     """Seconds of whisperX's own calls on CUDA at float16, file by file, models included
     (``benchmarks.asr.direct_whisperx`` is fixed at float32, the CPU's type)."""
@@ -266,18 +278,26 @@ def direct_whisperx(
     ensure_punkt("en")
     started = time.perf_counter()
     pipeline = whisperx.load_model(
-        str(model), "cuda", compute_type="float16", language="en", asr_options={"beam_size": 1}
+        str(model),
+        device,
+        compute_type=_compute_type(device),
+        language="en",
+        asr_options={"beam_size": 1},
     )
     pipeline.model.max_length = max_new_tokens
-    align_model, metadata = whisperx.load_align_model("en", "cuda", model_name=str(aligner))
+    align_model, metadata = whisperx.load_align_model("en", device, model_name=str(aligner))
     for path in files:
         audio = whisperx.load_audio(str(path))
         result = pipeline.transcribe(audio, batch_size=batch, language="en")
-        whisperx.align(result["segments"], align_model, metadata, audio, "cuda")
+        whisperx.align(result["segments"], align_model, metadata, audio, device)
     return time.perf_counter() - started
 
 
-def asr_rows(tmp: Path, files: list[Path], max_new_tokens: int = 48) -> list[Row]:
+def _compute_type(device: str) -> str:
+    return "float16" if device == "cuda" else "float32"  # CTranslate2 has no CPU float16
+
+
+def asr_rows(tmp: Path, files: list[Path], device: str, max_new_tokens: int = 48) -> list[Row]:
     from benchmarks.asr import BASE_CTC, compare, direct_s2t, run_runner
     from benchmarks.asr_models import (
         BASE_WHISPER,
@@ -298,8 +318,8 @@ def asr_rows(tmp: Path, files: list[Path], max_new_tokens: int = 48) -> list[Row
     started = time.perf_counter()
     ours, theirs, memory = compare(
         "s2t",
-        lambda c: run_runner(s2t, c, tmp / "out-s2t", "cuda"),
-        lambda some: direct_s2t(folder, some, "cuda", max_new_tokens),
+        lambda c: run_runner(s2t, c, tmp / "out-s2t", device),
+        lambda some: direct_s2t(folder, some, device, max_new_tokens),
         files,
         tmp,
         1,
@@ -308,9 +328,9 @@ def asr_rows(tmp: Path, files: list[Path], max_new_tokens: int = 48) -> list[Row
         Row(
             "benchmarks",
             "s2t small runner vs direct",
-            f"{ours:.0f} audio s/s",
+            f"{_rate(ours)} audio s/s",
             f"{time.perf_counter() - started:.1f}",
-            f"direct per-file generate {theirs:.0f} audio s/s, {ours / theirs:.2f}x; {memory}",
+            f"direct per-file generate {_rate(theirs)} audio s/s, {ours / theirs:.2f}x; {memory}",
         )
     )
     model = save_random_whisper_ct2(tmp / "whisper", **BASE_WHISPER)
@@ -320,7 +340,7 @@ def asr_rows(tmp: Path, files: list[Path], max_new_tokens: int = 48) -> list[Row
         f"extractor.model={model}",
         f"extractor.align_model={aligner}",
         "extractor.language=en",
-        "extractor.compute_type=float16",
+        f"extractor.compute_type={_compute_type(device)}",
         "extractor.beam_size=1",
         f"extractor.max_new_tokens={max_new_tokens}",
         "extractor.batch_size=16",
@@ -328,8 +348,8 @@ def asr_rows(tmp: Path, files: list[Path], max_new_tokens: int = 48) -> list[Row
     started = time.perf_counter()
     ours, theirs, memory = compare(
         "whisperx",
-        lambda c: run_runner(whisper, c, tmp / "out-wx", "cuda"),
-        lambda some: direct_whisperx(model, aligner, some, max_new_tokens, 16),
+        lambda c: run_runner(whisper, c, tmp / "out-wx", device),
+        lambda some: direct_whisperx(model, aligner, some, max_new_tokens, 16, device),
         files,
         tmp,
         1,
@@ -337,10 +357,10 @@ def asr_rows(tmp: Path, files: list[Path], max_new_tokens: int = 48) -> list[Row
     rows.append(
         Row(
             "benchmarks",
-            "whisperX base float16 runner vs direct",
-            f"{ours:.0f} audio s/s",
+            f"whisperX base {_compute_type(device)} runner vs direct",
+            f"{_rate(ours)} audio s/s",
             f"{time.perf_counter() - started:.1f}",
-            f"whisperX direct {theirs:.0f} audio s/s, {ours / theirs:.2f}x; {memory}",
+            f"whisperX direct {_rate(theirs)} audio s/s, {ours / theirs:.2f}x; {memory}",
         )
     )
     return rows
@@ -369,8 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-files", type=int, default=16)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-benchmarks", action="store_true")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: the same benchmarks on the CPU, a check of this script (--n-files 2)",
+    )
     args = parser.parse_args(argv)
-    if not cuda_available():
+    if args.device == "cuda" and not cuda_available():
         print(SKIPPED)
         return 0
     import torch
@@ -386,13 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_benchmarks:
             files, kind = corpus(tmp / "corpus", args.n_files)
             audio_s = sum(sf.info(str(f)).duration for f in files)
+            # The host's cores feed the GPU; on a 2-core CPU one worker leaves a core to the model.
             workers = min(8, max(1, (os.cpu_count() or 2) - 2))
             rows.append(
                 Row("benchmarks", "corpus", kind, "", f"{len(files)} files, {audio_s:.0f} s")
             )
             for part in (
-                lambda: ssl_rows(tmp, files, audio_s, workers),
-                lambda: asr_rows(tmp, files),
+                lambda: ssl_rows(tmp, files, audio_s, workers, args.device),
+                lambda: asr_rows(tmp, files, args.device),
             ):
                 try:
                     rows += part()
@@ -407,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     ok = False
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "the CPU"
     title = (
-        f"gpu-check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA "
-        f"{torch.version.cuda}) in {time.perf_counter() - started:.0f} s"
+        f"gpu-check on {where} (torch {torch.__version__}, CUDA {torch.version.cuda}) in "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print(render(rows, title))
     return 0 if ok else 1

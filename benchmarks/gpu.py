@@ -1,6 +1,6 @@
 """The device check: every ``gpu``-marked test, then the GPU benchmarks, in one table.
 
-    python -m benchmarks.gpu [--n-files 16] [--skip-tests] [--skip-benchmarks]
+    python -m benchmarks.gpu [--n-files 16] [--skip-tests] [--skip-benchmarks] [--device cpu]
     bash scripts/dev.sh gpu-check          # the same, after the environment is synced
 
 Without a CUDA device it prints ``no CUDA device: gpu-check skipped`` and exits 0. On one

@@ -79,13 +79,19 @@ def _peak_rss_mb() -> tuple[float, float]:
 
 def settings_hash(cfg: DictConfig, extractor: Extractor) -> str:
     """Hash of everything that changes an item's output: extractor config and provenance
-    (model revision, weights hash), channel policy, preflight policies and windows."""
+    (model revision, weights hash), channel policy, preflight policies, windows and a
+    reduced precision."""
     payload = {
         "extractor": OmegaConf.to_container(cfg.extractor, resolve=True),
         "provenance": extractor.provenance(),
         "channel_policy": cfg.loader.channel_policy,
         "preflight": OmegaConf.to_container(cfg.preflight, resolve=True),
     }
+    precision = str(cfg.device.get("precision", "32"))
+    if precision not in ("32", "32-true"):
+        # bf16/fp16 change the numbers: a resume at another precision must not mix them in.
+        # (fp32 stays out of the payload, so outputs written before this keep their hash.)
+        payload["precision"] = precision
     windows = cfg.get("windows")
     if windows is not None and windows.size_s is not None:  # off: older outputs keep their hash
         payload["windows"] = OmegaConf.to_container(windows, resolve=True)

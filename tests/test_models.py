@@ -318,6 +318,28 @@ def test_runner_whisper_encoder_frames(make_cfg, whisper_dir: Path) -> None:
     assert len(result.tags["provenance.whisper_encoder.weights_sha256"]) == 64
 
 
+def test_whisper_encoder_under_bf16_autocast(make_cfg, whisper_dir: Path) -> None:
+    # The feature extractor's numpy step took the bf16 STFT autocast made: every item failed.
+    small = "extractor.overlap_s=0.2"  # the tiny model's window is 1 s
+    result = _run(make_cfg, "whisper_encoder", whisper_dir, small, "device.precision=bf16-mixed")
+    assert result.metrics["n_failed"] == 0
+    reference = make_cfg(
+        "extractor=whisper_encoder",
+        f"extractor.model={whisper_dir}",
+        "dataset.n_clips=6",
+        small,
+        out="fp32",  # not the bf16 run's directory: it would resume, not recompute
+    )
+    fp32 = extract(reference).output_dir / "features.parquet"
+    bf16 = pd.read_parquet(result.output_dir / "features.parquet").set_index("id")
+    ref = pd.read_parquet(fp32).set_index("id")
+    column = next(c for c in ref.columns if c.startswith("layer_"))
+    for item in ref.index:
+        np.testing.assert_allclose(
+            np.asarray(bf16.loc[item, column]), np.asarray(ref.loc[item, column]), atol=0.1
+        )
+
+
 def test_runner_ser_dim(make_cfg, ser_dim_dir: Path) -> None:
     result = _run(make_cfg, "ser_dim", ser_dim_dir, "extractor.keep_embedding=true")
     table = pd.read_parquet(result.output_dir / "features.parquet")

@@ -99,3 +99,20 @@ def _manifest(path: Path) -> Path:
     manifest = path.parent / "m.csv"
     manifest.write_text(f"path,speaker\n{path},09\n")
     return manifest
+
+
+def test_settings_hash_covers_windows_and_reduced_precision(make_cfg) -> None:
+    # A resume into the same output_dir with other windows or at bf16 must not mix rows:
+    # the hash differs, and the store refuses the directory.
+    from runners.extract import settings_hash
+
+    extractor = am.load_extractor("egemaps")
+    base = settings_hash(make_cfg(), extractor)
+    assert settings_hash(make_cfg("device.precision=32-true"), extractor) == base
+    others = [
+        make_cfg("device.precision=bf16-mixed"),
+        make_cfg("windows.size_s=2"),
+        make_cfg("windows.size_s=2", "windows.hop_s=1"),
+    ]
+    hashes = {settings_hash(cfg, extractor) for cfg in others}
+    assert len(hashes) == 3 and base not in hashes

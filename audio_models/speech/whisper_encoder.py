@@ -124,12 +124,15 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
         rows = [x[row, :n].float().cpu().numpy() for row, n in enumerate(lengths.tolist())]
         if max(len(r) for r in rows) > self.window:  # the feature extractor would truncate
             raise ValueError(f"a row is longer than the {self.window}-sample window")
-        features = self.feature_extractor(
-            rows,
-            sampling_rate=self.sample_rate,
-            return_tensors="pt",
-            device=str(x.device),
-        ).input_features.to(x.device)
+        # fp32 whatever the run's precision: under bf16 autocast the STFT would come back
+        # bf16, which the feature extractor's numpy step cannot take (every item failed).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            features = self.feature_extractor(
+                rows,
+                sampling_rate=self.sample_rate,
+                return_tensors="pt",
+                device=str(x.device),
+            ).input_features.to(x.device)
         out = self.network(features, output_hidden_states=True)
         frames = self._frame_counts(lengths.cpu()).tolist()
         states = [out.hidden_states[layer] for layer in self.layers]

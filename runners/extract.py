@@ -211,6 +211,11 @@ def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _C
         )
     if dataset is None:
         dataset = build(cfg, "dataset")
+    dataset.check()  # a missing root or manifest: reported at once, before MLflow starts
+    # The tracking server before listing: an unreachable one is reported before a large
+    # corpus is listed (or the demo corpus generated). Ranks > 0 of a distributed run neither
+    # log to MLflow nor clean the output directory: rank 0 does, and merges their outputs.
+    tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
     items = dataset.items
     windows = cfg.get("windows")  # absent from configs saved before windows existed
     if windows is not None and windows.size_s is not None:
@@ -218,9 +223,6 @@ def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _C
 
         items = window_items(items, windows.size_s, windows.hop_s, windows.last)
     device.check_available()  # imports torch only where a GPU driver is present
-    # Ranks > 0 of a distributed run neither log to MLflow nor clean the output directory:
-    # rank 0 does, before the others start, and merges their outputs at the end.
-    tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
     return _Checked(tracker, dataset, items, device)
 
 

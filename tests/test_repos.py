@@ -220,7 +220,7 @@ def test_run_records_upstream_provenance(upstream, make_cfg, mlflow_store, tmp_p
     setup_main([])
     # A second upstream the extractor does not read: the run carries no tags for it.
     upstream["write"](
-        upstream["commits"][0], extra="unused,https://example.invalid/u,abc,U,,,x,MIT\n"
+        upstream["commits"][0], extra=f"unused,https://example.invalid/u,{'a' * 40},U,,,x,MIT\n"
     )
     (upstream["checkout"] / "model.txt").write_text("locally tuned weights\n")
     uri, tracking = mlflow_store

@@ -103,7 +103,7 @@ def test_help_and_cfg_need_no_torch(tmp_path: Path, flags: list[str]) -> None:
         # The groups a user chooses from, with what each option is; not Hydra's schema/* groups.
         assert "schema/" not in proc.stdout
         assert "extractor=<option>:" in proc.stdout and "dataset=<option>:" in proc.stdout
-        assert "egemaps         openSMILE eGeMAPSv02 functionals" in proc.stdout
+        assert re.search(r"^  egemaps +openSMILE eGeMAPSv02 functionals", proc.stdout, re.M)
 
 
 @pytest.mark.parametrize(
@@ -130,3 +130,17 @@ def test_other_runners_typos_exit_2_before_torch(tmp_path: Path, runner: str) ->
     proc, message = _run(tmp_path, runner, "tracking=nowhere", f"hydra.run.dir={tmp_path}/h")
     assert proc.returncode == 2, message
     assert "Could not find 'tracking/nowhere'" in message
+
+
+def test_a_missing_root_is_reported_before_mlflow_starts(tmp_path: Path) -> None:
+    # The default tracking (a SQLite store where the command runs) is not created for a run
+    # that cannot start.
+    proc, message = _run(
+        tmp_path,
+        "runners.extract",
+        "dataset=folder",
+        f"dataset.root={tmp_path}/nope",
+        f"hydra.run.dir={tmp_path}/h",
+    )
+    assert proc.returncode == 2 and "does not exist" in message
+    assert not (tmp_path / "mlflow.db").exists()

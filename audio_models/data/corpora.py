@@ -157,12 +157,15 @@ class KaldiDataset(AudioDataset):
     def describe(self) -> str:
         return f"kaldi data directory {self.root}"
 
+    def check(self) -> None:
+        if not (self.root / "wav.scp").is_file():
+            what = "does not exist" if not self.root.exists() else "has no wav.scp"
+            raise UserError(f"kaldi data directory {str(self.root)!r} {what}")
+
     def _recordings(self) -> dict[str, str]:
         """Recording id → absolute audio path, from ``wav.scp``."""
         path = self.root / "wav.scp"
-        if not path.is_file():
-            what = "does not exist" if not self.root.exists() else "has no wav.scp"
-            raise UserError(f"kaldi data directory {str(self.root)!r} {what}")
+        self.check()
         recordings = {}
         for line in _table_lines(path):
             audio = Path(_plain_path(path, line))
@@ -314,13 +317,16 @@ class AudformatDataset(AudioDataset):
     def describe(self) -> str:
         return f"audformat database {self.root}"
 
+    def check(self) -> None:
+        if self._db is None and not (self.root / "db.yaml").is_file():
+            what = "does not exist" if not self.root.exists() else "has no db.yaml"
+            raise UserError(f"audformat database {str(self.root)!r} {what}")
+
     def _database(self) -> audformat.Database:
         if self._db is None:
             import audformat  # only where a database is read: its import takes a while
 
-            if not (self.root / "db.yaml").is_file():
-                what = "does not exist" if not self.root.exists() else "has no db.yaml"
-                raise UserError(f"audformat database {str(self.root)!r} {what}")
+            self.check()
             try:
                 self._db = audformat.Database.load(str(self.root))
             except Exception as exc:  # audformat raises many kinds; the message is what helps
@@ -505,6 +511,10 @@ class LhotseDataset(AudioDataset):
         dataset._given = cuts
         return dataset
 
+    def check(self) -> None:
+        if self._given is None and not self.cuts.is_file():
+            raise UserError(f"lhotse manifest {str(self.cuts)!r} does not exist")
+
     def describe(self) -> str:
         return (
             "lhotse CutSet in memory" if self._given is not None else f"lhotse CutSet {self.cuts}"
@@ -550,8 +560,7 @@ class LhotseDataset(AudioDataset):
         if self._given is not None:
             cuts = list(self._given)
         else:
-            if not self.cuts.is_file():
-                raise UserError(f"lhotse manifest {str(self.cuts)!r} does not exist")
+            self.check()
             try:
                 cuts = list(CutSet.from_file(self.cuts))
             except Exception as exc:  # lhotse raises what its parsers raise

@@ -48,10 +48,15 @@ class AudioDataset:
     def _load(self) -> list[Item]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Cheap checks before listing (a missing root or manifest): the runner calls this
+        before it reaches the tracking server, and listing repeats it."""
+
     @property
     def items(self) -> list[Item]:
         """The items, listed once (this is where a missing root or bad manifest is reported)."""
         if self._items is None:
+            self.check()
             items = self._load()
             if not items:
                 raise UserError(f"dataset {self.name!r} has no audio items ({self.describe()})")
@@ -152,9 +157,11 @@ class FolderDataset(AudioDataset):
     def describe(self) -> str:
         return f"root={self.root}, pattern={self.pattern}"
 
-    def _load(self) -> list[Item]:
+    def check(self) -> None:
         if not self.root.is_dir():
             raise UserError(f"dataset root {str(self.root)!r} does not exist or is not a folder")
+
+    def _load(self) -> list[Item]:
         found: set[Path] = set()
         for pattern in self.pattern:
             # Links (even broken ones), FIFOs and devices count: they become failure rows,
@@ -226,9 +233,12 @@ class ManifestDataset(AudioDataset):
     def describe(self) -> str:
         return f"manifest={self.path}"
 
-    def _read(self) -> pd.DataFrame:
+    def check(self) -> None:
         if not self.path.is_file():
             raise UserError(f"manifest {str(self.path)!r} does not exist")
+
+    def _read(self) -> pd.DataFrame:
+        self.check()
         suffix = self.path.suffix.lower()
         if suffix in {".jsonl", ".ndjson"}:
             return self._read_jsonl()
@@ -398,6 +408,9 @@ class DemoDataset(ManifestDataset):
             label_column=label_column,
             label_types={"f0_hz": "float"},  # a measurement, not a code
         )
+
+    def check(self) -> None:
+        pass  # labels.csv is written by the first listing
 
     def _load(self) -> list[Item]:
         ensure_demo_corpus(self.root, n_clips=self.n_clips, seed=self.seed)

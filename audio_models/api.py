@@ -382,10 +382,11 @@ def extract(
             result = run_extract(cfg, dataset=dataset, overrides=given)
         run = load(out)
         if src.index:  # an output_dir may also hold items of earlier calls: only these
-            windowed = cfg.windows.size_s is not None
+            windowed = cfg.windows.size_s is not None or bool(cfg.segments_from)
 
             def asked(ids: pd.Series) -> pd.Series:
-                # With windows, rows are ``<item id>@<start>-<end>`` of the items asked for.
+                # With windows or speech segments (segments_from), rows are
+                # ``<item id>@<start>-<end>`` of the items asked for.
                 mask = ids.isin(src.index)
                 if windowed:
                     mask |= ids.str.rsplit("@", n=1).str[0].isin(src.index)

@@ -420,6 +420,8 @@ class ExtractConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
+    # One row per detected speech segment: a vad run's output_dir or an id/start/end table.
+    segments_from: str | None = None
     output_dir: str = MISSING
     resume: bool = True
     max_failure_ratio: float = 0.1

@@ -92,6 +92,11 @@ def settings_hash(cfg: DictConfig, extractor: Extractor) -> str:
         # bf16/fp16 change the numbers: a resume at another precision must not mix them in.
         # (fp32 stays out of the payload, so outputs written before this keep their hash.)
         payload["precision"] = precision
+    if cfg.get("segments_from"):  # the segments decide the items: their table's content
+        from audio_models.data.windows import segments_table
+        from audio_models.utils.provenance import sha256_file
+
+        payload["segments_from"] = sha256_file(segments_table(cfg.segments_from))
     windows = cfg.get("windows")
     if windows is not None and windows.size_s is not None:  # off: older outputs keep their hash
         payload["windows"] = OmegaConf.to_container(windows, resolve=True)
@@ -217,6 +222,10 @@ def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _C
     # log to MLflow nor clean the output directory: rank 0 does, and merges their outputs.
     tracker: NullTracker = build(cfg, "tracking") if rank_zero else NullTracker()
     items = dataset.items
+    if cfg.get("segments_from"):
+        from audio_models.data.windows import segment_items
+
+        items = segment_items(items, cfg.segments_from)
     windows = cfg.get("windows")  # absent from configs saved before windows existed
     if windows is not None and windows.size_s is not None:
         from audio_models.data.windows import window_items
@@ -313,7 +322,7 @@ def extract(
     transcribes = extractor.kind == OutputKind.TRANSCRIPT
     if transcribes and cfg.get("windows") is not None and cfg.windows.size_s is not None:
         # A transcript per fixed window cuts words in two; transcribers segment speech
-        # themselves (whisperX's VAD).
+        # themselves (whisperX's VAD). Speech segments (segments_from) are fine.
         raise UserError(f"windows apply to feature extractors, not to {extractor.name}")
     store = OutputStore(
         output_dir,

@@ -309,3 +309,40 @@ def test_writer_side_rows_offset_and_malformed_rows_fail(tmp_path: Path) -> None
     failures = pd.read_parquet(tmp_path / "failures.parquet")
     assert failures["id"].tolist() == ["bad"] and failures["stage"].tolist() == ["write"]
     assert pd.read_parquet(tmp_path / "features.parquet")["id"].tolist() == ["good", "late"]
+
+
+def test_features_per_detected_speech_segment(make_cfg, tmp_path: Path) -> None:
+    # A VAD run, then egemaps with segments_from=<that run>: one row per speech segment, each
+    # equal to the extractor on that cut; a table of one's own works too.
+    import audio_models as am
+    from audio_models.data.items import Item
+    from audio_models.data.windows import segment_items
+
+    manifest, _ = _manifest(tmp_path / "data")
+    dataset = ["dataset=manifest", f"dataset.path={manifest}", "dataset.id_column=id"]
+    vad = extract(make_cfg("extractor=vad", "extractor.min_silence_s=0.5", *dataset, out="vad"))
+    segments = pd.read_parquet(vad.output_dir / "segments.parquet")
+    assert len(segments) >= 3
+    per = extract(
+        make_cfg("extractor=egemaps", *dataset, f"segments_from={vad.output_dir}", out="per")
+    )
+    table = pd.read_parquet(per.output_dir / "features.parquet")
+    expected = sorted(zip(segments["start"].round(6), segments["end"].round(6), strict=True))
+    got = sorted(zip(table["start"], table["end"], strict=True))
+    np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-4)  # sample grid
+    extractor = am.load_extractor("egemaps")
+    row = table.iloc[0]
+    direct = extractor.process_file(row["path"], start=row["start"], end=row["end"])
+    np.testing.assert_allclose(row[extractor.feature_names].to_numpy(float), direct, rtol=1e-5)
+    items = [Item("x", "/x.wav"), Item("quiet", "/q.wav")]
+    own = tmp_path / "own.csv"
+    own.write_text("id,start,end\nx,2.5,3.0\nx,0.5,1.0\n")
+    assert [(i.id, i.start) for i in segment_items(items, str(own))] == [
+        ("x@0.5-1", 0.5),
+        ("x@2.5-3", 2.5),
+    ]
+    own.write_text("id,start,end\nother,0,1\n")
+    with pytest.raises(UserError, match=r"id\(s\) this dataset does not have"):
+        segment_items(items, str(own))
+    with pytest.raises(UserError, match="no segments table"):
+        segment_items(items, str(tmp_path / "nowhere"))

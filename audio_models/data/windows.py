@@ -1,4 +1,5 @@
-"""Sliding windows: each item cut into ``[start, end)`` windows, one output row per window.
+"""Sliding windows, or detected speech segments: each item cut into ``[start, end)`` parts, one
+output row per part.
 
 The windows are ordinary segment items (same path, labels copied, absolute times), so the loader
 decodes each one exactly as it would a manifest segment and every row equals running the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from audio_models.data.items import Item, segment_id
 from audio_models.utils.errors import UserError
@@ -104,3 +106,69 @@ def window_items(
             ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""),
         )
     return out
+
+
+def segments_table(source: str) -> Path:
+    """The segments table ``segments_from`` names (a VAD run's folder or a table file).
+
+    Raises:
+        UserError: there is none.
+    """
+    path = Path(source).expanduser()
+    table = path / "segments.parquet" if path.is_dir() else path
+    if not table.is_file():
+        raise UserError(
+            f"segments_from={source!r}: no segments table there (the output_dir of an "
+            "extractor=vad run, or a .parquet/.csv/.tsv with id, start, end)"
+        )
+    return table
+
+
+def segment_items(items: list[Item], source: str) -> list[Item]:
+    """One item per detected speech segment: ``source`` is the ``output_dir`` of a ``vad`` run
+    over the same dataset (its ``segments.parquet``), or a table of its own (Parquet, CSV or
+    TSV with ``id``, ``start``, ``end``: seconds from the file's start, as the VAD writes them).
+
+    Segments are matched to items by item id; an item without segments gives no row (it had no
+    speech) and is named in a warning; segments of ids the dataset does not have are an error
+    (another corpus's run).
+
+    Raises:
+        UserError: no such run or table, missing columns, or ids the dataset does not know.
+    """
+    import pandas as pd
+
+    table_path = segments_table(source)
+    suffix = table_path.suffix.lower()
+    if suffix == ".parquet":
+        table = pd.read_parquet(table_path)
+    else:
+        table = pd.read_csv(table_path, sep="\t" if suffix == ".tsv" else ",", dtype={"id": str})
+    missing = {"id", "start", "end"} - set(table.columns)
+    if missing:
+        raise UserError(f"segments_from: {table_path} lacks columns {sorted(missing)}")
+    by_id = {item.id: item for item in items}
+    unknown = sorted(set(table["id"]) - set(by_id))
+    if unknown:
+        raise UserError(
+            f"segments_from: {table_path} has segments of {len(unknown)} id(s) this dataset does "
+            f"not have, e.g. {unknown[:3]} (a run over another corpus?)"
+        )
+    out: list[Item] = []
+    grouped = table.sort_values(["id", "start"]).groupby("id", sort=False)
+    for item_id, rows in grouped:
+        item = by_id[str(item_id)]
+        for start, end in zip(rows["start"], rows["end"], strict=True):
+            start, end = round(float(start), 6), round(float(end), 6)
+            if not end > start:
+                raise UserError(f"segments_from: {table_path}: {item_id!r} [{start}, {end})")
+            out.append(Item(segment_id(item.id, start, end), item.path, start, end, item.labels))
+    silent = [i.id for i in items if i.id not in set(table["id"])]
+    if silent:
+        log.warning(
+            "%d item(s) have no speech segment and give no row: %s",
+            len(silent),
+            ", ".join(silent[:5]) + (" ..." if len(silent) > 5 else ""),
+        )
+    order = {item.id: n for n, item in enumerate(items)}  # the dataset's order
+    return sorted(out, key=lambda w: (order[w.id.rsplit("@", 1)[0]], w.start or 0.0))

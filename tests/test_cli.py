@@ -115,3 +115,17 @@ def test_the_log_lands_beside_the_outputs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "this session: 2 items" in (tmp_path / "out" / "extract.log").read_text()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_no_lightning_sampler_warning(tmp_path: Path) -> None:
+    # fbank batches through the loader's length-bucketing sampler, on purpose: Lightning's
+    # note that it is a custom sampler is not for the user.
+    proc = _run(
+        tmp_path,
+        "extractor=fbank",
+        "dataset.n_clips=3",
+        f"dataset.root={tmp_path}/d",
+        "loader.batch_audio_s=10",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "custom batch sampler" not in proc.stdout + proc.stderr

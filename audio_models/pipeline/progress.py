@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -56,13 +57,19 @@ _CHATTY = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.
 
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Lightning's informational notes off (its warnings stay), levels restored after."""
+    """Lightning's informational notes off (its warnings stay, but one: that the loader's own
+    length-bucketing batch sampler is custom — it is, on purpose, and returns every item),
+    levels and filters restored after."""
     loggers = [logging.getLogger(name) for name in _CHATTY]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="You are using a custom batch sampler", category=UserWarning
+            )
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

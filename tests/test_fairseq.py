@@ -1,7 +1,8 @@
 """fairseq HuBERT / wav2vec 2.0 checkpoints: safe loading, conversion, and fairseq's reference.
 
-The synthetic checkpoints (tests/fairseq_checkpoints.py) use fairseq's key names and ``cfg``/``args`` layouts with the
-weights of a tiny transformers model, so a correct conversion must give that model's numbers.
+The synthetic checkpoints (tests/fairseq_checkpoints.py) use fairseq's key names and
+``cfg``/``args`` layouts with the weights of a tiny transformers model, so a correct conversion
+must give that model's numbers.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -467,6 +467,9 @@ class ReproduceConfig:
     atol: float = 1e-5
     accelerator: str | None = None  # None: the run's device settings; cpu | cuda | auto
     num_workers: int | None = None  # None: the run's loader.num_workers
+    # Classes beside the project's own that the run's config may build (exact dotted names;
+    # a run of your own extractor class): the stored config is data, trusted no further.
+    trust_targets: list[str] = field(default_factory=list)
     output_dir: str = MISSING
 
 
@@ -542,6 +545,53 @@ def run_cli(main: Callable[[], Any]) -> None:
         if stop.code == 1 and not _task_started:
             sys.exit(2)
         raise
+
+
+# -- what a stored config may build -----------------------------------------------------
+
+
+def known_targets() -> frozenset[str]:
+    """Every ``_target_`` the project's schemas name (extractors, datasets, device, tracking,
+    preflight): the only classes a config read back from a run (``runners.reproduce``) may
+    build. A ``config.yaml`` is data from an artifact store others can write to; Hydra would
+    call whatever dotted name it holds (``os.system``)."""
+    import dataclasses
+
+    from audio_models.registry import registered_extractors
+
+    schemas = [v for v in globals().values() if isinstance(v, type) and dataclasses.is_dataclass(v)]
+    targets = set()
+    for schema in [*schemas, *registered_extractors().values()]:
+        for item in dataclasses.fields(schema):
+            if item.name == "_target_" and isinstance(item.default, str):
+                targets.add(item.default)
+    return frozenset(targets)
+
+
+def check_targets(cfg: Any, where: str, trusted: Sequence[str] = ()) -> None:
+    """Raise unless every ``_target_`` in ``cfg`` (nested anywhere) is one of
+    :func:`known_targets` or ``trusted``, by exact name.
+
+    Raises:
+        UserError: naming the key and the target.
+    """
+    allowed = known_targets() | set(trusted)
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{path}.{key}" if path else str(key)
+                if key == "_target_" and value not in allowed:
+                    raise UserError(
+                        f"{where}: {here}={value!r} is not one of the project's classes; "
+                        "refusing to build it (trust_targets=[...] names classes you vouch for)"
+                    )
+                walk(value, here)
+        elif isinstance(node, list):
+            for n, value in enumerate(node):
+                walk(value, f"{path}[{n}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg, "")
 
 
 # -- what the command line shows ---------------------------------------------------------

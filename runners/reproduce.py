@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from audio_models.config import build, run_cli, task
+from audio_models.config import build, check_targets, run_cli, task
 from audio_models.tracking import MlflowTracker, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
@@ -195,7 +195,7 @@ def _stored_text(client: Any, run: Any, name: str, scratch: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def _run_config(client: Any, run: Any, scratch: Path) -> DictConfig:
+def _run_config(client: Any, run: Any, scratch: Path, trusted: Sequence[str] = ()) -> DictConfig:
     text = _stored_text(client, run, "config.yaml", scratch)
     if text is None:
         raise UserError(
@@ -205,6 +205,9 @@ def _run_config(client: Any, run: Any, scratch: Path) -> DictConfig:
     loaded = OmegaConf.create(text)
     if not isinstance(loaded, DictConfig) or "extractor" not in loaded:
         raise UserError(f"run {run.info.run_id}: its config.yaml is not an extraction config")
+    # Parse before trusting: the file comes from an artifact store; only the project's own
+    # classes may be built from it (a _target_ is any dotted callable to Hydra).
+    check_targets(loaded, f"run {run.info.run_id}'s config.yaml", trusted)
     return loaded
 
 
@@ -647,7 +650,7 @@ def _reproduce(cfg: DictConfig) -> Report:
     rerun_dir = out / "rerun"
     for stale in (scratch, rerun_dir):  # a second reproduce into the same folder starts clean
         shutil.rmtree(stale, ignore_errors=True)
-    run_cfg = _run_config(client, run, scratch)
+    run_cfg = _run_config(client, run, scratch, list(cfg.get("trust_targets") or []))
     title = (
         f"{tags.get('extractor', run_cfg.extractor.get('name'))} on {tags.get('dataset', '?')}, "
         f"{run.info.status}"

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from audio_models.audio.smile import OpenSmileExtractor
 from audio_models.testing import make_tiny
+from audio_models.utils.errors import UserError
 from runners.extract import extract
 from runners.reproduce import Report, reproduce
 from tests.conftest import CONF_DIR, REPO
@@ -155,7 +156,10 @@ def test_a_moved_upstream_checkout_is_reported(
         "dataset.n_clips=3",
     )
     git(checkout, "checkout", "--quiet", "--detach", commits[1])
-    report = reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro"))
+    toy = f"{__name__}.ToyCheckoutExtractor"  # not the project's: built only when vouched for
+    with pytest.raises(UserError, match="trust_targets"):
+        reproduce(reproduce_cfg(uri, run_id, tmp_path / "refused"))
+    report = reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro", f"trust_targets=[{toy}]"))
     assert report.exit_code == 1
     (moved,) = [d for d in report.environment if d.kind == "upstream"]
     assert moved.name == "toy" and moved.recorded == commits[0]
@@ -307,3 +311,42 @@ def test_a_run_on_the_tracking_server(make_cfg, tracking_server: str, tmp_path: 
     # The reference came through the server's artifact proxy, not the run's local folder.
     assert (tmp_path / "repro" / "stored" / "reference" / "frames" / "index.parquet").is_file()
     assert {g.n_items for g in report.groups} == {3}
+
+
+@pytest.mark.parametrize(
+    ("key", "target"),
+    [
+        ("extractor", "os.system"),
+        ("extractor", "audio_models.audio.smile.OpenSmileExtractor.__init__"),  # a prefix
+        ("dataset", "builtins.eval"),
+        ("preflight", "subprocess.run"),
+        ("nested", "os.system"),  # anywhere in the tree, not only at a group's top
+    ],
+)
+def test_a_tampered_config_is_never_built(
+    make_cfg, mlflow_store, tmp_path: Path, key: str, target: str
+) -> None:
+    # config.yaml comes from an artifact store others can write to: a _target_ in it is a
+    # dotted callable to Hydra. Only the project's own classes are built from it.
+    import mlflow
+    import yaml
+
+    uri, tracking = mlflow_store
+    run_id = _run(make_cfg, tracking, "dataset.n_clips=2")
+    marker = tmp_path / "ran"
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    stored = [
+        Path(run.info.artifact_uri.removeprefix("file://")) / "config.yaml",
+        Path(run.data.params["output_dir"]) / "config.yaml",
+    ]
+    for path in stored:
+        config = yaml.safe_load(path.read_text())
+        payload = {"_target_": target, "_args_": [f"touch {marker}"]}
+        if key == "nested":
+            config["dataset"]["extra"] = {"deeper": [payload]}
+        else:
+            config[key] = {**config[key], **payload}
+        path.write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match="not one of the project's classes"):
+        reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro"))
+    assert not marker.exists()

@@ -144,3 +144,21 @@ def test_a_missing_root_is_reported_before_mlflow_starts(tmp_path: Path) -> None
     )
     assert proc.returncode == 2 and "does not exist" in message
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_driver_check_refuses_only_what_cannot_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import audio_models.pipeline.device as device
+
+    node = tmp_path / "dxg"  # e.g. WSL2's /dev/dxg: no NVIDIA nodes, CUDA works
+    node.touch()
+    monkeypatch.setattr(device, "_DRIVER_PATHS", (str(tmp_path / "absent"), str(node)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device.gpu_driver_absent() is None  # torch decides
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert "hides every device" in (device.gpu_driver_absent() or "")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    node.unlink()
+    assert "no GPU driver" in (device.gpu_driver_absent() or "")
+    assert "/dev/dxg" in device._DRIVER_PATHS and "/dev/nvidia0" in device._DRIVER_PATHS

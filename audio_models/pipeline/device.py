@@ -13,9 +13,17 @@ from pathlib import Path
 from audio_models.utils.errors import UserError
 
 _NO_CUDA = "device=cuda but no CUDA device is visible; use device=cpu or device=auto"
-# Device nodes and the procfs entry a loaded GPU kernel driver provides (NVIDIA; ROCm's kfd,
-# which PyTorch's ROCm build also reports as "cuda").
-_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+# Device nodes and the procfs entry a loaded GPU kernel driver provides: NVIDIA's (containers
+# get /dev/nvidiactl and /dev/nvidia0), WSL2's GPU paravirtualisation (/dev/dxg: no NVIDIA
+# nodes there), and ROCm's kfd (PyTorch's ROCm build also reports as "cuda"). Any one present:
+# torch decides.
+_DRIVER_PATHS = (
+    "/proc/driver/nvidia/version",
+    "/dev/nvidiactl",
+    "/dev/nvidia0",
+    "/dev/dxg",
+    "/dev/kfd",
+)
 
 
 def gpu_driver_absent() -> str | None:

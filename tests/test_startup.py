@@ -151,6 +151,7 @@ def test_the_driver_check_refuses_only_what_cannot_work(
 ) -> None:
     import audio_models.pipeline.device as device
 
+    assert "/dev/dxg" in device._DRIVER_PATHS and "/dev/nvidia0" in device._DRIVER_PATHS
     node = tmp_path / "dxg"  # e.g. WSL2's /dev/dxg: no NVIDIA nodes, CUDA works
     node.touch()
     monkeypatch.setattr(device, "_DRIVER_PATHS", (str(tmp_path / "absent"), str(node)))
@@ -161,4 +162,3 @@ def test_the_driver_check_refuses_only_what_cannot_work(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     node.unlink()
     assert "no GPU driver" in (device.gpu_driver_absent() or "")
-    assert "/dev/dxg" in device._DRIVER_PATHS and "/dev/nvidia0" in device._DRIVER_PATHS

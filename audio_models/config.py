@@ -324,7 +324,7 @@ class LhotseDatasetConfig:
     _target_: str = "audio_models.data.corpora.LhotseDataset"
     name: str = "lhotse"
     cuts: str = MISSING  # a CutSet manifest: cuts.jsonl or cuts.jsonl.gz
-    audio_root: str | None = None  # relative recording paths resolve here (None: its folder)
+    audio_root: str | None = None  # relative recording paths resolve here (None: the cwd)
     label_column: str | None = None
     text_column: str | None = None  # "transcript": transcription runs log WER against it
 

@@ -7,12 +7,14 @@ Examples:
 One file per item, from the run's ``segments.parquet`` and ``words.parquet``, in the layout
 whisperX's own writers produce (``srt``, ``vtt``, ``txt``, ``tsv``, ``json``): a speaker, where
 diarization assigned one, prefixes the segment's text as ``[SPEAKER_00]: ...``. Files are named
-after the item id, percent-encoded where it holds a ``/`` (``a%2Fb.wav.srt``), so every item has
-a file of its own; they go to ``dest`` (default ``<output_dir>/exports/<format>``).
+after the item id, percent-encoded where it holds a ``/`` (``a%2Fb.wav.srt``; a name past 200
+bytes is cut and ends in a hash of the id), so every item has a file of its own; they go to
+``dest`` (default ``<output_dir>/exports/<format>``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -177,6 +179,16 @@ def results(output_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def file_stem(item_id: str) -> str:
+    """The item id percent-encoded (``/`` and ``%`` too: distinct ids, no path escape); past
+    200 bytes (file names stop at 255) cut, with a hash of the whole id to stay distinct."""
+    stem = quote(item_id, safe=" @=+,-._")
+    if len(stem.encode()) <= 200:
+        return stem
+    digest = hashlib.sha256(item_id.encode()).hexdigest()[:16]
+    return f"{stem[:180]}~{digest}"
+
+
 def export(output_dir: str | Path, fmt: str = "srt", dest: str | Path | None = None) -> list[Path]:
     """Write one ``fmt`` file per item of a transcription run; returns the files.
 
@@ -191,7 +203,7 @@ def export(output_dir: str | Path, fmt: str = "srt", dest: str | Path | None = N
     target.mkdir(parents=True, exist_ok=True)
     files = []
     for item_id, result in per_item.items():
-        path = target / f"{quote(item_id, safe=' @=+,-._')}.{fmt}"
+        path = target / f"{file_stem(item_id)}.{fmt}"
         path.write_text(WRITERS[fmt](result), encoding="utf-8")
         files.append(path)
     return files

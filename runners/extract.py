@@ -540,7 +540,10 @@ def _plan_run_report(
 
 def _resume_hint(stopped: Interrupted) -> str:
     """How many items are safe and the exact command that resumes the rest."""
-    args = [a for a in sys.argv[1:] if not a.startswith("output_dir=")]
+    # In a -m sweep, this job's own overrides (the command line would re-run the whole sweep
+    # into one folder).
+    given = _overrides() if current_job() is not None else sys.argv[1:]
+    args = [a for a in given if not a.startswith("output_dir=") and a not in ("-m", "--multirun")]
     where = stopped.output_dir
     command = " ".join(
         shlex.quote(a)

@@ -205,6 +205,13 @@ def _run_config(client: Any, run: Any, scratch: Path, trusted: Sequence[str] = (
     loaded = OmegaConf.create(text)
     if not isinstance(loaded, DictConfig) or "extractor" not in loaded:
         raise UserError(f"run {run.info.run_id}: its config.yaml is not an extraction config")
+    # The runner stores the config resolved: an interpolation in it is not ours, and
+    # oc.create/oc.decode would turn a string into a mapping with a _target_ after any check.
+    if "${" in text:
+        raise UserError(
+            f"run {run.info.run_id}'s config.yaml holds an interpolation (${{...}}); the runner "
+            "stores configs resolved, so this one was edited: refusing to build from it"
+        )
     # Parse before trusting: the file comes from an artifact store; only the project's own
     # classes may be built from it (a _target_ is any dotted callable to Hydra).
     check_targets(loaded, f"run {run.info.run_id}'s config.yaml", trusted)
@@ -232,7 +239,11 @@ def _reference_dir(client: Any, run: Any, scratch: Path) -> Path:
             return local
         raise UserError(f"run {run_id} logged no outputs (no outputs.json) and {local} is gone")
     for entry in json.loads(listing.read_text())["outputs"]:
-        relative = entry["relative"]
+        relative = str(entry["relative"])
+        parts = Path(relative).parts
+        if Path(relative).is_absolute() or ".." in parts or not parts:
+            # outputs.json is data from the artifact store: no path outside the folder.
+            raise UserError(f"run {run_id}: outputs.json names {relative!r}, outside the run")
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         if entry.get("logged"):
@@ -349,11 +360,15 @@ def _list_dataset(run_cfg: DictConfig, tags: dict[str, str], report: Report) -> 
 def _windowed(run_cfg: DictConfig, items: list[Item] | None) -> list[Item] | None:
     """The run's windows of the listed items (``windows.size_s``): the units its outputs hold.
     The re-run gets these windows as its items, with windowing off (it would cut them again)."""
-    windows = run_cfg.get("windows")
-    if items is None or windows is None or windows.get("size_s") is None:
+    if items is None:
         return items
-    from audio_models.data.windows import window_items
+    from audio_models.data.windows import segment_items, window_items
 
+    if run_cfg.get("segments_from"):  # speech segments first, as the runner cuts them
+        items = segment_items(items, run_cfg.segments_from)
+    windows = run_cfg.get("windows")
+    if windows is None or windows.get("size_s") is None:
+        return items
     return window_items(items, windows.size_s, windows.get("hop_s"), windows.get("last", "partial"))
 
 
@@ -418,6 +433,8 @@ def _rerun_config(cfg: DictConfig, run_cfg: DictConfig, out: Path) -> DictConfig
         rerun.device.strategy, rerun.device.devices, rerun.device.num_nodes = "auto", 1, 1
     if rerun.get("windows") is not None:
         rerun.windows.size_s = None  # the items are the run's windows already
+    if rerun.get("segments_from"):
+        rerun.segments_from = None  # ... and its speech segments
     if cfg.accelerator is not None:
         rerun.device.accelerator = cfg.accelerator
     if cfg.num_workers is not None:

@@ -109,3 +109,12 @@ def test_the_command(run_dir: Path, tmp_path: Path) -> None:
         bad = run(*args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_long_ids_get_short_distinct_names() -> None:
+    from runners.export import file_stem
+
+    long_a, long_b = "语音" * 40 + "a.wav", "语音" * 40 + "b.wav"
+    stems = {file_stem(long_a), file_stem(long_b)}
+    assert len(stems) == 2 and all(len(stem.encode()) <= 200 for stem in stems)
+    assert file_stem("../x/y.wav") == "..%2Fx%2Fy.wav"  # no path escape

@@ -350,3 +350,49 @@ def test_a_tampered_config_is_never_built(
     with pytest.raises(UserError, match="not one of the project's classes"):
         reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro"))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("resolver", ["oc.create", "oc.decode"])
+def test_an_interpolation_in_a_stored_config_is_refused(
+    make_cfg, mlflow_store, tmp_path: Path, resolver: str
+) -> None:
+    # oc.create/oc.decode turn a string into a mapping (with a _target_) only when resolved,
+    # after any check of the raw tree: a stored config is resolved, so any ${...} is refused.
+    import mlflow
+
+    uri, tracking = mlflow_store
+    run_id = _run(make_cfg, tracking, "dataset.n_clips=2")
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    marker = tmp_path / "ran"
+    for path in (
+        Path(run.info.artifact_uri.removeprefix("file://")) / "config.yaml",
+        Path(run.data.params["output_dir"]) / "config.yaml",
+    ):
+        text = path.read_text()
+        payload = f"\"${{{resolver}:'{{_target_: os.system, _args_: [touch {marker}]}}'}}\""
+        head, _, rest = text.partition("dataset:")
+        path.write_text(head + "dataset: " + payload + "\nold_dataset:" + rest)
+    with pytest.raises(UserError, match="interpolation"):
+        reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("relative", ["/tmp/elsewhere/x.parquet", "../../escape.parquet"])
+def test_outputs_json_cannot_point_outside(
+    make_cfg, mlflow_store, tmp_path: Path, relative: str
+) -> None:
+    import json
+
+    import mlflow
+
+    uri, tracking = mlflow_store
+    run_id = _run(make_cfg, tracking, "dataset.n_clips=2")
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    listing = Path(run.info.artifact_uri.removeprefix("file://")) / "outputs.json"
+    if not listing.is_file():
+        pytest.skip("this run logged no outputs.json")
+    data = json.loads(listing.read_text())
+    data["outputs"][0]["relative"] = relative
+    listing.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="outside the run"):
+        reproduce(reproduce_cfg(uri, run_id, tmp_path / "repro"))

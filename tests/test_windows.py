@@ -116,3 +116,12 @@ def test_settings_hash_covers_windows_and_reduced_precision(make_cfg) -> None:
     ]
     hashes = {settings_hash(cfg, extractor) for cfg in others}
     assert len(hashes) == 3 and base not in hashes
+
+
+@pytest.mark.parametrize(
+    ("duration", "size", "hop"), [(2.0, 0.5, 0.3), (10.0, 0.7, 0.3), (1.55, 0.7, 0.05)]
+)
+def test_no_redundant_last_window_from_float_sums(duration: float, size: float, hop: float) -> None:
+    windows = window_items([Item("a", "/a")], size, hop, duration_of=lambda _: duration)
+    ends = [w.end for w in windows]
+    assert ends.count(duration) == 1  # one window reaches the end, not two

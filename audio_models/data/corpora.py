@@ -475,8 +475,8 @@ class LhotseDataset(AudioDataset):
     Args:
         name: dataset name.
         cuts: the CutSet manifest.
-        audio_root: folder relative recording paths resolve against (default: the manifest's
-            folder).
+        audio_root: folder relative recording paths resolve against (default: the working
+            directory, as lhotse resolves them).
         label_column: the primary label.
         text_column: the reference transcript column (``transcript``).
 
@@ -499,14 +499,14 @@ class LhotseDataset(AudioDataset):
     ) -> None:
         super().__init__(name=name, label_column=label_column, text_column=text_column)
         self.cuts = Path(cuts).expanduser()
-        self.audio_root = Path(audio_root).expanduser() if audio_root else self.cuts.parent
+        # lhotse resolves relative recording paths against the working directory (its recipes
+        # write data/LibriSpeech/... into data/manifests/...): so do we, unless told otherwise.
+        self.audio_root = Path(audio_root).expanduser() if audio_root else Path.cwd()
         self._given: Any = None  # a CutSet object (from_cuts) instead of a manifest
 
     @classmethod
     def from_cuts(cls, cuts: Any, **options: Any) -> LhotseDataset:
-        """The items of a ``CutSet`` in memory (``am.extract(cuts, ...)``); relative paths
-        resolve against the working directory, as lhotse resolves them."""
-        options.setdefault("audio_root", str(Path.cwd()))
+        """The items of a ``CutSet`` in memory (``am.extract(cuts, ...)``)."""
         dataset = cls(cuts="<CutSet>", **options)
         dataset._given = cuts
         return dataset

@@ -81,7 +81,7 @@ def window_items(
             offset = k * hop
             # Past the end (a microsecond of slack for float sums), or the previous window
             # already reached it (overlapping windows).
-            if duration - offset < 1e-6 or (k > 0 and offset - hop + size_s >= duration):
+            if duration - offset < 1e-6 or (k > 0 and (k - 1) * hop + size_s >= duration - 1e-6):
                 break
             length = min(size_s, duration - offset)
             if length < size_s - 1e-6 and last == "drop":
@@ -163,7 +163,8 @@ def segment_items(items: list[Item], source: str) -> list[Item]:
             if not end > start:
                 raise UserError(f"segments_from: {table_path}: {item_id!r} [{start}, {end})")
             out.append(Item(segment_id(item.id, start, end), item.path, start, end, item.labels))
-    silent = [i.id for i in items if i.id not in set(table["id"])]
+    present = set(table["id"])
+    silent = [i.id for i in items if i.id not in present]
     if silent:
         log.warning(
             "%d item(s) have no speech segment and give no row: %s",

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from audio_models.config import build, check_targets, run_cli, task
+from audio_models.pipeline.store import META_SCHEMA
 from audio_models.tracking import MlflowTracker, redact
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
@@ -61,21 +62,7 @@ _RUNTIME_TAGS = ("accelerator", "resampler", "cpu_linear_backend")
 # Output columns that describe how an item was read; compared as their own group so that a
 # changed decode (duration, rate) is told apart from changed features.
 _META_NUMERIC = ("duration_s", "sample_rate", "n_frames")
-_READ_COLUMNS = frozenset(
-    {
-        "path",
-        "start",
-        "end",
-        "duration_s",
-        "sample_rate",
-        "source_sample_rate",
-        "n_channels",
-        "channel_policy",
-        "silence_ratio",
-        "clipping_ratio",
-        "item_key",
-    }
-)
+_READ_COLUMNS = frozenset(META_SCHEMA.names) - {"id"}  # the store's per-item read record
 _TRAILING_INDEX = re.compile(r"^(?P<group>.+?)_\d+$")
 
 

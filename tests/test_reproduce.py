@@ -24,8 +24,7 @@ from audio_models.utils.errors import UserError
 from runners.extract import extract
 from runners.reproduce import Report, reproduce
 from tests.conftest import CONF_DIR, REPO
-
-HEADER = "key,repository,commit,env,package,release,role,license\n"
+from tests.gitrepos import HEADER, git, make_repo
 
 
 def reproduce_cfg(uri: str, run_id: str, out: Path, *overrides: str) -> DictConfig:
@@ -58,19 +57,6 @@ def corpus(tmp_path: Path) -> Path:
     for i in range(4):
         sf.write(root / f"clip{i}.wav", voice(1.0 + 0.25 * i, 120.0 + 40 * i, i), 16000)
     return root
-
-
-def git(cwd: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.org",
-    }
-    return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env
-    ).stdout.strip()
 
 
 class ToyCheckoutExtractor(OpenSmileExtractor):
@@ -135,14 +121,7 @@ def test_a_moved_upstream_checkout_is_reported(
     make_cfg, mlflow_store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkout = tmp_path / "toy-upstream"
-    checkout.mkdir()
-    git(checkout, "init", "--quiet", "-b", "main")
-    commits = []
-    for i in range(2):
-        (checkout / "model.txt").write_text(f"weights v{i}\n")
-        git(checkout, "add", "-A")
-        git(checkout, "commit", "--quiet", "-m", f"commit {i}")
-        commits.append(git(checkout, "rev-parse", "HEAD"))
+    commits = make_repo(checkout, 2)
     git(checkout, "checkout", "--quiet", "--detach", commits[0])
     csv = tmp_path / "requirements.csv"
     csv.write_text(HEADER + f"toy,{checkout.as_uri()},{commits[0]},TOY_REPO,,,test,MIT\n")

@@ -17,7 +17,7 @@ from audio_models.utils.errors import UserError
 from runners.extract import extract
 from runners.train_ser import train
 from tests.conftest import CONF_DIR, SHARED
-from tests.test_repos import HEADER, make_repo
+from tests.gitrepos import HEADER, git, make_repo
 
 LEGACY = SHARED / "data" / "ser-legacy" / "best_classifiers_sklearn-0.24.2.pickle"
 
@@ -99,11 +99,9 @@ def test_default_model_from_checkout_is_verified_by_git(
     make_repo(origin, 1)
     (origin / "grid").mkdir()
     shutil.copy(path, origin / "grid" / "best_classifiers.pickle")
-    from tests.test_repos import _git
-
-    _git(origin, "add", "-A")
-    _git(origin, "commit", "-q", "-m", "model")
-    pin = _git(origin, "rev-parse", "HEAD")
+    git(origin, "add", "-A")
+    git(origin, "commit", "-q", "-m", "model")
+    pin = git(origin, "rev-parse", "HEAD")
     csv = tmp_path / "requirements.csv"
     csv.write_text(
         HEADER + f"emotion_recognition,{origin.as_uri()},{pin},EMOTION_RECOGNITION_REPO,,,x,MIT\n"

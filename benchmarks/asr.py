@@ -119,9 +119,16 @@ def direct_s2t(folder: Path, files: list[Path], device: str, max_new_tokens: int
 
 
 def direct_whisperx(
-    model: Path, aligner: Path, files: list[Path], device: str, max_new_tokens: int, batch: int
+    model: Path,
+    aligner: Path,
+    files: list[Path],
+    device: str,
+    max_new_tokens: int,
+    batch: int,
+    compute_type: str = "float32",
 ) -> float:
-    """Seconds of whisperX's own calls, file by file, model loading included."""
+    """Seconds of whisperX's own calls, file by file, model loading included (float32 by
+    default, the CPU's type; ``benchmarks.gpu`` passes float16 on CUDA)."""
     import whisperx
 
     from audio_models.speech.whisper import ensure_punkt
@@ -129,7 +136,7 @@ def direct_whisperx(
     ensure_punkt("en")  # the same sentence splitter the runner gets (punkt_tab is a download)
     started = time.perf_counter()
     pipeline = whisperx.load_model(
-        str(model), device, compute_type="float32", language="en", asr_options={"beam_size": 1}
+        str(model), device, compute_type=compute_type, language="en", asr_options={"beam_size": 1}
     )
     pipeline.model.max_length = max_new_tokens
     align_model, metadata = whisperx.load_align_model("en", device, model_name=str(aligner))

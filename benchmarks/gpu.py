@@ -266,39 +266,12 @@ def ssl_rows(tmp: Path, files: list[Path], audio_s: float, workers: int, device:
     return rows
 
 
-def direct_whisperx(
-    model: Path, aligner: Path, files: list[Path], max_new_tokens: int, batch: int, device: str
-) -> float:
-    """Seconds of whisperX's own calls on CUDA at float16, file by file, models included
-    (``benchmarks.asr.direct_whisperx`` is fixed at float32, the CPU's type)."""
-    import whisperx
-
-    from audio_models.speech.whisper import ensure_punkt
-
-    ensure_punkt("en")
-    started = time.perf_counter()
-    pipeline = whisperx.load_model(
-        str(model),
-        device,
-        compute_type=_compute_type(device),
-        language="en",
-        asr_options={"beam_size": 1},
-    )
-    pipeline.model.max_length = max_new_tokens
-    align_model, metadata = whisperx.load_align_model("en", device, model_name=str(aligner))
-    for path in files:
-        audio = whisperx.load_audio(str(path))
-        result = pipeline.transcribe(audio, batch_size=batch, language="en")
-        whisperx.align(result["segments"], align_model, metadata, audio, device)
-    return time.perf_counter() - started
-
-
 def _compute_type(device: str) -> str:
     return "float16" if device == "cuda" else "float32"  # CTranslate2 has no CPU float16
 
 
 def asr_rows(tmp: Path, files: list[Path], device: str, max_new_tokens: int = 48) -> list[Row]:
-    from benchmarks.asr import BASE_CTC, compare, direct_s2t, run_runner
+    from benchmarks.asr import BASE_CTC, compare, direct_s2t, direct_whisperx, run_runner
     from benchmarks.asr_models import (
         BASE_WHISPER,
         SMALL_S2T,
@@ -349,7 +322,9 @@ def asr_rows(tmp: Path, files: list[Path], device: str, max_new_tokens: int = 48
     ours, theirs, memory = compare(
         "whisperx",
         lambda c: run_runner(whisper, c, tmp / "out-wx", device),
-        lambda some: direct_whisperx(model, aligner, some, max_new_tokens, 16, device),
+        lambda some: direct_whisperx(
+            model, aligner, some, device, max_new_tokens, 16, _compute_type(device)
+        ),
         files,
         tmp,
         1,

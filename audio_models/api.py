@@ -201,6 +201,13 @@ def _source(source: Any) -> _Source:
         from audio_models.data.corpora import LhotseDataset
 
         return _Source(items=LhotseDataset.from_cuts(source).items)
+    hf = sys.modules.get("datasets")  # likewise a Hugging Face Dataset means datasets is imported
+    if hf is not None and isinstance(
+        source, (getattr(hf, "Dataset", ()), getattr(hf, "DatasetDict", ()))
+    ):
+        from audio_models.data.hf import HuggingFaceDataset
+
+        return _Source(items=HuggingFaceDataset.from_dataset(source).items)
     if isinstance(source, pd.DataFrame | pd.Series | pd.Index):
         frame = source.to_frame() if isinstance(source, pd.Series) else source
         if isinstance(frame, pd.Index):
@@ -243,7 +250,7 @@ def _source(source: Any) -> _Source:
         return _items_source((f, None, None, {}) for f in files)
     raise UserError(
         "source must be a folder, a manifest (.csv/.tsv/.jsonl), a list of files, a DataFrame "
-        "with a file index, an audformat.Database or a lhotse CutSet; "
+        "with a file index, an audformat.Database, a lhotse CutSet or a Hugging Face Dataset; "
         f"got {type(source).__name__}"
     )
 
@@ -312,7 +319,9 @@ def extract(
             ``end``) index; its columns are carried along as labels, unchanged; or an
             ``audformat.Database`` (its segmented tables' index, else its filewise one, and
             their columns as labels, as ``dataset=audformat`` reads them; results come back
-            on the database's ``(file, start, end)``).
+            on the database's ``(file, start, end)``); or a Hugging Face ``datasets.Dataset``
+            (or a one-split ``DatasetDict``) with an ``audio`` column, read as
+            ``dataset=huggingface`` reads a split (embedded audio decoded from its bytes).
         extractor: one of :func:`extractors`.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
         output_dir: keep the outputs there (Parquet files as the CLI writes them; a rerun

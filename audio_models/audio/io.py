@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -70,11 +71,14 @@ def decode(
     end: float | None = None,
     channel_policy: ChannelPolicy = "mean",
     target_sample_rate: int | None = None,
+    data: bytes | None = None,
 ) -> Decoded:
     """Read ``[start, end)`` seconds of a WAV/FLAC/OGG/MP3 file as mono float32.
 
     Args:
         path: the audio file.
+        data: the file's bytes, decoded from memory instead of reading ``path`` (audio
+            embedded in a table); the same decoder, so the same samples as the file gives.
         start: offset in seconds (``None``: 0).
         end: end in seconds (``None``: the file's end).
         channel_policy: ``"mean"`` averages the channels, ``"first"`` keeps channel 0.
@@ -91,13 +95,19 @@ def decode(
         raise ValueError(
             f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}"
         )
+    if data is None:
+        try:
+            check_regular_file(path)
+        except OSError as exc:
+            raise ExtractionError("decode", f"cannot read file: {exc}") from exc
+    if data is not None and not data:
+        raise ExtractionError("decode", "no audio bytes")
     try:
-        check_regular_file(path)
-    except OSError as exc:
-        raise ExtractionError("decode", f"cannot read file: {exc}") from exc
-    try:
-        handle = sf.SoundFile(path)
+        handle = sf.SoundFile(path if data is None else io.BytesIO(data))
     except Exception as exc:  # libsndfile reports corrupt and non-audio files alike
+        if data is not None:  # not "Error opening <_io.BytesIO object at 0x...>: ..."
+            reason = getattr(exc, "error_string", None) or str(exc)
+            raise ExtractionError("decode", f"cannot read audio bytes: {reason}") from exc
         raise ExtractionError("decode", f"cannot read audio: {exc}") from exc
     with handle:
         sr = int(handle.samplerate)

@@ -10,15 +10,16 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from audio_models.data.demo import ensure_demo_corpus
 from audio_models.data.items import Item, segment_id
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import default_cache_dir
 from audio_models.utils.provenance import fingerprint_files
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 AUDIO_PATTERNS: tuple[str, ...] = ("**/*.wav", "**/*.flac", "**/*.ogg", "**/*.mp3")
 # Declarable label types (dataset.label_types); undeclared labels are text.
@@ -87,12 +88,17 @@ class AudioDataset:
         return self.name
 
     def fingerprint(self) -> str:
-        """Hash of the items' files (relative paths, sizes, mtimes) and segment bounds."""
-        paths = sorted({Path(item.path) for item in self.items})
-        root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-        files = fingerprint_files(paths, root=root)
+        """Hash of the items' files (relative paths, sizes, mtimes) and segment bounds; items
+        whose audio is a blob (embedded in a table) add the blob's ``token`` where it has one."""
+        paths = sorted({Path(item.path) for item in self.items if item.blob is None})
+        files = ""
+        if paths:
+            root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+            files = fingerprint_files(paths, root=root)
         segments = json.dumps([(i.id, i.start, i.end) for i in self.items]).encode()
-        return hashlib.sha256(files.encode() + segments).hexdigest()[:16]
+        blobs = [str(getattr(i.blob, "token", "")) for i in self.items if i.blob is not None]
+        embedded = json.dumps(blobs).encode() if blobs else b""
+        return hashlib.sha256(files.encode() + segments + embedded).hexdigest()[:16]
 
 
 def _check_labels(labels: dict[str, Any], where: str) -> dict[str, Any]:
@@ -238,6 +244,8 @@ class ManifestDataset(AudioDataset):
             raise UserError(f"manifest {str(self.path)!r} does not exist")
 
     def _read(self) -> pd.DataFrame:
+        import pandas as pd  # here: importing the module (configs, the runner's checks) stays cheap
+
         self.check()
         suffix = self.path.suffix.lower()
         if suffix in {".jsonl", ".ndjson"}:
@@ -269,6 +277,8 @@ class ManifestDataset(AudioDataset):
                         f"manifest {str(self.path)!r} line {number} is not a JSON object"
                     )
                 rows.append({k: _json_text(v) for k, v in row.items()})
+        import pandas as pd
+
         # object dtype: no column is coerced; a key absent from a row reads as None.
         frame = pd.DataFrame(rows, dtype=object)
         return frame.astype(object).where(frame.notna(), None)
@@ -332,7 +342,7 @@ def _seconds(value: Any, where: str) -> float | None:
     Raises:
         UserError: not a finite, non-negative number (names the row and column).
     """
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, str) and value.strip().lower() in _EMPTY_BOUNDS:
         return None
@@ -375,7 +385,7 @@ def _plain(value: Any) -> Any:
         return None
     if hasattr(value, "item"):
         value = value.item()
-    if isinstance(value, float) and pd.isna(value):
+    if isinstance(value, float) and math.isnan(value):
         return None
     return value
 

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+
+class Blob(Protocol):
+    """Audio that is not a file of its own: encoded bytes held in a table (a Hugging Face
+    dataset's embedded audio) or in memory, read when the loader needs them."""
+
+    def read(self) -> bytes:
+        """The encoded audio (a WAV/FLAC/OGG/MP3 file's bytes).
+
+        Raises:
+            ExtractionError: stage ``"decode"``, the row has no audio.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -16,6 +29,9 @@ class Item:
         start: offset in seconds, ``None`` for the file's beginning.
         end: end in seconds, ``None`` for the file's end.
         labels: label columns copied verbatim into the outputs.
+        blob: where the audio is not a file: the loader decodes ``blob.read()`` (the same
+            decoder, so the same samples as the file would give) and ``path`` only names the
+            audio in the outputs. ``None``: the file at ``path``.
     """
 
     id: str
@@ -23,6 +39,7 @@ class Item:
     start: float | None = None
     end: float | None = None
     labels: dict[str, Any] = field(default_factory=dict)
+    blob: Blob | None = field(default=None, compare=False, repr=False)
 
 
 def _seconds_text(value: float) -> str:

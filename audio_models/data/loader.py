@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import multiprocessing as mp
 import os
 import re
@@ -195,8 +196,12 @@ class ItemDataset(Dataset[Record]):
         """The item key of ``items[index]`` (reads the file to hash it)."""
         item = self.items[index]
         try:
-            return item_key(item, self._content_hash(item.path), self.config_hash)
-        except OSError:
+            if item.blob is not None:
+                content = hashlib.sha256(item.blob.read()).hexdigest()
+            else:
+                content = self._content_hash(item.path)
+            return item_key(item, content, self.config_hash)
+        except (OSError, ExtractionError):
             return item_key(item, "unreadable", self.config_hash)
 
     def __getitem__(self, index: int) -> Record:
@@ -217,10 +222,18 @@ class ItemDataset(Dataset[Record]):
         """Hash, decode, measure and transform one item."""
         item = record.item
         unreadable: Exception | None = None
+        data: bytes | None = None  # the audio's bytes where it is not a file (item.blob)
         try:
-            content = self._content_hash(item.path)
+            if item.blob is not None:
+                data = item.blob.read()
+                content = hashlib.sha256(data).hexdigest()
+            else:
+                content = self._content_hash(item.path)
         except (OSError, ExtractionError) as exc:  # missing, a link loop, not a regular file
             content, unreadable = "unreadable", exc
+        except Exception as exc:  # a blob's table could not be read
+            content = "unreadable"
+            unreadable = ExtractionError("decode", f"cannot read the audio: {exc}")
         record.key = item_key(item, content, self.config_hash)
         if record.key in self.done_keys:
             record.skipped = True
@@ -238,6 +251,7 @@ class ItemDataset(Dataset[Record]):
                 end=item.end,
                 channel_policy=self.channel_policy,
                 target_sample_rate=self.extractor.sample_rate,
+                data=data,
             )
         except Exception as exc:
             return fail(record, "decode", exc)
@@ -431,13 +445,20 @@ class LengthBucketSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
+def _header(item: Item) -> Any:
+    """``soundfile.info`` of an item's audio: its file, or its blob's bytes."""
+    if item.blob is not None:
+        return sf.info(io.BytesIO(item.blob.read()))
+    check_regular_file(item.path)  # sf.info would block on a FIFO
+    return sf.info(item.path)
+
+
 def item_durations(items: list[Item]) -> list[float]:
     """Seconds per item from the file headers (segment bounds where given); 0 if unreadable."""
     durations = []
     for item in items:
         try:
-            check_regular_file(item.path)  # sf.info would block on a FIFO
-            total = sf.info(item.path).duration
+            total = _header(item).duration
         except Exception:
             durations.append(0.0)
             continue
@@ -451,10 +472,11 @@ def source_sample_rates(items: list[Item]) -> dict[int, int]:
     """Files per sample rate, from the headers (a file that cannot be read is left out: it
     becomes a failure row when its turn comes)."""
     counts: dict[int, int] = {}
-    for path in dict.fromkeys(item.path for item in items):  # each file once, not per segment
+    # Each file (or blob) once, not per segment.
+    sources = {(item.path if item.blob is None else id(item.blob)): item for item in items}
+    for item in sources.values():
         try:
-            check_regular_file(path)  # sf.info would block on a FIFO
-            rate = int(sf.info(path).samplerate)
+            rate = int(_header(item).samplerate)
         except Exception:
             continue
         counts[rate] = counts.get(rate, 0) + 1

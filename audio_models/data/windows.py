@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from audio_models.data.items import Item, segment_id
@@ -29,8 +30,13 @@ def probe_duration(item: Item) -> float | None:
     import soundfile as sf  # only the windowing step needs it before the loader runs
 
     try:
-        info = sf.info(item.path)
-    except (RuntimeError, OSError, TypeError):
+        if item.blob is not None:  # audio embedded in a table: its bytes' header
+            import io
+
+            info = sf.info(io.BytesIO(item.blob.read()))
+        else:
+            info = sf.info(item.path)
+    except Exception:  # unreadable (a bad blob raises what its table raises)
         return None
     return max(info.frames / info.samplerate - (item.start or 0.0), 0.0)
 
@@ -88,7 +94,7 @@ def window_items(
                 break
             # Rounded to the microsecond: ids stay short and equal across runs.
             start, end = round(base + offset, 6), round(base + offset + length, 6)
-            out.append(Item(segment_id(item.id, start, end), item.path, start, end, item.labels))
+            out.append(replace(item, id=segment_id(item.id, start, end), start=start, end=end))
             k += 1
         if len(out) == before:
             short.append(item.id)
@@ -162,7 +168,7 @@ def segment_items(items: list[Item], source: str) -> list[Item]:
             start, end = round(float(start), 6), round(float(end), 6)
             if not end > start:
                 raise UserError(f"segments_from: {table_path}: {item_id!r} [{start}, {end})")
-            out.append(Item(segment_id(item.id, start, end), item.path, start, end, item.labels))
+            out.append(replace(item, id=segment_id(item.id, start, end), start=start, end=end))
     present = set(table["id"])
     silent = [i.id for i in items if i.id not in present]
     if silent:

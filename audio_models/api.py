@@ -674,6 +674,7 @@ def load_extractor(
         ],
     )
     extractor = build(cfg, "extractor")
+    extractor.load()  # weights read here, so a missing model is reported by this call
     module = extractor.torch_module()
     if module is not None:
         module.eval().to(device)

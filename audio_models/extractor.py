@@ -4,6 +4,11 @@ An extractor says which sample rate it wants and what it emits. CPU work per ite
 :meth:`Extractor.transform` (runs in DataLoader worker processes); batched torch work goes in
 :meth:`Extractor.forward` (runs in ``predict_step`` on the device). An extractor never opens
 files, never talks to MLflow and never picks batch sizes.
+
+Constructing an extractor is cheap: it checks its options and describes itself (rate, output
+kind, names where they need no model). :meth:`Extractor.load` reads weights; the runner calls
+it only after the whole configuration and the dataset have been checked. This module, like
+every extractor module, imports no torch at import time for the same reason.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from audio_models.utils.errors import UserError
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import torch
 
 STORAGE_DTYPES = ("float32", "float16")
 
@@ -131,6 +136,11 @@ class Extractor:
         #: Precision the values are stored at (``None``: as computed; computation unaffected).
         self.storage_dtype = storage_dtype
 
+    def load(self) -> None:
+        """Read weights and build what :meth:`transform`/:meth:`forward` need; a no-op for
+        extractors without weights and on every call after the first. Methods that need the
+        model call it, so an extractor used directly works without an explicit call."""
+
     @property
     def sample_rate(self) -> int | None:
         """Rate the extractor wants its input at; ``None`` keeps each file's own rate."""
@@ -238,8 +248,11 @@ class Extractor:
         if self.sample_rate is not None and sample_rate != self.sample_rate:
             x = resample(np.ascontiguousarray(x), sample_rate, self.sample_rate)
             sample_rate = self.sample_rate
+        self.load()
         if self.placement == Placement.WORKER:
             return self.transform(np.ascontiguousarray(x), sample_rate)
+        import torch
+
         module = self.torch_module()
         device = next(module.parameters()).device if module is not None else torch.device("cpu")
         if getattr(self, "_signal_device", None) != device:

@@ -6,6 +6,7 @@ can try a model extractor offline, too.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from transformers import (
@@ -16,6 +17,19 @@ from transformers import (
     Wav2Vec2Model,
     WavLMConfig,
 )
+
+if TYPE_CHECKING:
+    from audio_models.extractor import Extractor
+
+_E = TypeVar("_E", bound="Extractor")
+
+
+def loaded(extractor: _E) -> _E:
+    """``extractor`` with its weights read (:meth:`Extractor.load`): a constructor only checks
+    options, so a test of what loading reports calls this inside its ``pytest.raises``."""
+    extractor.load()
+    return extractor
+
 
 TINY = {
     "hidden_size": 32,
@@ -209,7 +223,8 @@ def make_tiny_ser_dim(folder: Path, *, head: bool = True) -> Path:
     """A random model in the layout of ``audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim``
     (layer-norm encoder, ``wav2vec2.*`` and ``classifier.*``); ``head=False`` saves the encoder
     only, which the ``ser_dim`` extractor must refuse."""
-    from audio_models.speech.ser_dim import DIMENSIONS, DimensionalEmotionModel
+    from audio_models.speech.ser_dim import DIMENSIONS
+    from audio_models.speech.ser_dim_model import DimensionalEmotionModel
 
     torch.manual_seed(0)
     config = Wav2Vec2Config(

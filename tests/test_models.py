@@ -26,6 +26,7 @@ from audio_models.speech.ser_dim import DIMENSIONS, DimensionalEmotionExtractor
 from audio_models.speech.whisper_encoder import WhisperEncoderExtractor
 from audio_models.testing import (
     TINY_LABELS,
+    loaded,
     make_tiny,
     make_tiny_classifier,
     make_tiny_ser_dim,
@@ -66,7 +67,7 @@ def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _whisper(folder: Path, **kwargs) -> WhisperEncoderExtractor:
-    return WhisperEncoderExtractor(name="w", model=str(folder), overlap_s=0.2, **kwargs)
+    return loaded(WhisperEncoderExtractor(name="w", model=str(folder), overlap_s=0.2, **kwargs))
 
 
 @pytest.mark.parametrize("n", [1, 159, 160, 161, 319, 320, 321, 7000, 15679])
@@ -135,7 +136,7 @@ def test_whisper_long_recording_pools_its_stitched_frames(whisper_dir: Path) -> 
 
 def test_whisper_refuses_an_overlap_that_does_not_fit_the_window(whisper_dir: Path) -> None:
     with pytest.raises(UserError, match="overlap"):
-        WhisperEncoderExtractor(name="w", model=str(whisper_dir), overlap_s=2.0)
+        loaded(WhisperEncoderExtractor(name="w", model=str(whisper_dir), overlap_s=2.0))
 
 
 # -- ser_dim ----------------------------------------------------------------------------------
@@ -151,7 +152,9 @@ def test_ser_dim_equals_the_model_card_on_each_file(ser_dim_dir: Path) -> None:
     tanh, out_proj, with the weights read from the checkpoint."""
     from safetensors.torch import load_file
 
-    extractor = DimensionalEmotionExtractor(name="s", model=str(ser_dim_dir), keep_embedding=True)
+    extractor = loaded(
+        DimensionalEmotionExtractor(name="s", model=str(ser_dim_dir), keep_embedding=True)
+    )
     assert extractor.feature_names[:3] == ["arousal", "dominance", "valence"]
     assert len(extractor.feature_names) == 3 + 32
     processor = Wav2Vec2FeatureExtractor.from_pretrained(ser_dim_dir)
@@ -172,8 +175,10 @@ def test_ser_dim_equals_the_model_card_on_each_file(ser_dim_dir: Path) -> None:
 
 
 def test_ser_dim_batched_equals_one_by_one(ser_dim_dir: Path) -> None:
-    extractor = DimensionalEmotionExtractor(
-        name="s", model=str(ser_dim_dir), max_chunk_s=0.5, overlap_s=0.1
+    extractor = loaded(
+        DimensionalEmotionExtractor(
+            name="s", model=str(ser_dim_dir), max_chunk_s=0.5, overlap_s=0.1
+        )
     )
     extractor.pad_on_cpu = True  # the masked, padded path a GPU takes
     waveforms, lengths = _batch([16000, 9000, 4321, 9000, 20000])  # the last one in chunks
@@ -187,10 +192,10 @@ def test_ser_dim_batched_equals_one_by_one(ser_dim_dir: Path) -> None:
 def test_ser_dim_refuses_a_checkpoint_without_its_head(tmp_path: Path) -> None:
     folder = make_tiny_ser_dim(tmp_path / "encoder_only", head=False)
     with pytest.raises(UserError, match=r"classifier\.dense.*random"):
-        DimensionalEmotionExtractor(name="s", model=str(folder))
+        loaded(DimensionalEmotionExtractor(name="s", model=str(folder)))
     # A plain wav2vec2 checkpoint (keys without the wav2vec2. prefix) is the same case.
     with pytest.raises(UserError, match=r"classifier\.out_proj"):
-        DimensionalEmotionExtractor(name="s", model=str(make_tiny(tmp_path / "plain")))
+        loaded(DimensionalEmotionExtractor(name="s", model=str(make_tiny(tmp_path / "plain"))))
 
 
 # -- audio_classifier -------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def classifier_dir(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[s
 
 def test_classifier_equals_the_model_on_each_file(classifier_dir: tuple[str, Path]) -> None:
     family, folder = classifier_dir
-    extractor = AudioClassifierExtractor(name="c", model=str(folder))
+    extractor = loaded(AudioClassifierExtractor(name="c", model=str(folder)))
     labels = [TINY_LABELS[i] for i in range(3)]
     assert extractor.feature_names == [f"p_{label}" for label in labels]
     assert extractor.extra_columns == ["prediction"]
@@ -226,7 +231,7 @@ def test_classifier_equals_the_model_on_each_file(classifier_dir: tuple[str, Pat
 
 def test_classifier_batched_equals_one_by_one(classifier_dir: tuple[str, Path]) -> None:
     family, folder = classifier_dir
-    extractor = AudioClassifierExtractor(name="c", model=str(folder))
+    extractor = loaded(AudioClassifierExtractor(name="c", model=str(folder)))
     extractor.pad_on_cpu = True  # the masked, padded path a GPU takes (layer-norm encoders)
     waveforms, lengths = _batch([16000, 9000, 4321, 9000, 12000])
     with torch.inference_mode():
@@ -242,12 +247,12 @@ def test_classifier_batched_equals_one_by_one(classifier_dir: tuple[str, Path]) 
 def test_classifier_refuses_a_missing_head(tmp_path: Path, whisper_dir: Path) -> None:
     for folder in (make_tiny(tmp_path / "plain", "wav2vec2-group"), whisper_dir):
         with pytest.raises(UserError, match=r"lacks \d+ weights.*classifier.*random"):
-            AudioClassifierExtractor(name="c", model=str(folder))
+            loaded(AudioClassifierExtractor(name="c", model=str(folder)))
 
 
 def test_whisper_classifier_refuses_recordings_over_its_window(tmp_path: Path) -> None:
     folder = make_tiny_classifier(tmp_path / "w", "whisper")
-    extractor = AudioClassifierExtractor(name="c", model=str(folder))
+    extractor = loaded(AudioClassifierExtractor(name="c", model=str(folder)))
     waveforms, lengths = _batch([16001])
     with pytest.raises(UserError, match="at most 1 s"), torch.inference_mode():
         extractor.forward(waveforms, lengths)
@@ -264,7 +269,7 @@ def test_missing_model_offline_is_one_clear_error(cls) -> None:
     with pytest.raises(
         UserError, match=r"cannot load model 'openai/no-such-model' \(revision abc123\).*download"
     ):
-        cls(name="x", model="openai/no-such-model", revision="abc123")
+        cls(name="x", model="openai/no-such-model", revision="abc123").load()
 
 
 def test_options_compose_and_instantiate(
@@ -363,8 +368,10 @@ def test_runner_audio_classifier(make_cfg, tmp_path: Path) -> None:
 
 def test_process_signal_returns_the_classifiers_output(tmp_path: Path) -> None:
     """The one-signal API path returns the label beside numpy probabilities."""
-    extractor = AudioClassifierExtractor(
-        name="c", model=str(make_tiny_classifier(tmp_path / "c", "hubert-group"))
+    extractor = loaded(
+        AudioClassifierExtractor(
+            name="c", model=str(make_tiny_classifier(tmp_path / "c", "hubert-group"))
+        )
     )
     waveforms, _ = _batch([22050])
     out = extractor.process_signal(waveforms[0].numpy(), 22050)  # resampled to 16 kHz

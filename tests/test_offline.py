@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from audio_models.speech import hub
+from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 
 # Hub ids that no cache holds: the error must come from the missing model, not a cached copy.
@@ -89,11 +90,11 @@ def test_unreachable_hub_is_probed_once_and_models_fail_offline_at_once(
 
     message = rf"cannot load model '{NOT_CACHED}' .*Without network access, download it first"
     with pytest.raises(UserError, match=message):
-        SelfSupervisedExtractor(name="xlsr", model=NOT_CACHED)
+        loaded(SelfSupervisedExtractor(name="xlsr", model=NOT_CACHED))
     with pytest.raises(UserError, match=message):
-        Speech2TextExtractor(model=NOT_CACHED)
+        loaded(Speech2TextExtractor(model=NOT_CACHED))
     with pytest.raises(UserError, match=rf"cannot load model '{NOT_CACHED}'"):
-        EcapaExtractor(name="ecapa", model=NOT_CACHED)
+        loaded(EcapaExtractor(name="ecapa", model=NOT_CACHED))
     # One probe for the process, to the hub's own address; then no request left at all (the
     # retry storm was requests, each retried with back-off).
     assert network.connects == [("huggingface.co", 443)]
@@ -124,7 +125,7 @@ def test_hf_hub_offline_set_after_import_switches_the_libraries(
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=rf"cannot load model '{NOT_CACHED}'"):
-        SelfSupervisedExtractor(name="xlsr", model=NOT_CACHED)
+        loaded(SelfSupervisedExtractor(name="xlsr", model=NOT_CACHED))
     assert network.connects == [] and network.lookups == []  # no probe, no request
     assert constants.HF_HUB_OFFLINE is True and transformers_hub.is_offline_mode()
 
@@ -167,14 +168,14 @@ def test_whisperx_aligner_offline_names_align_model_and_align_false(
     from audio_models.speech.whisper import WhisperXExtractor
 
     with pytest.raises(UserError) as caught:
-        WhisperXExtractor(model=str(tiny_ct2), language="en")
+        loaded(WhisperXExtractor(model=str(tiny_ct2), language="en"))
     message = str(caught.value)
     assert "WAV2VEC2_ASR_BASE_960H" in message and "not downloaded" in message
     assert "extractor.align_model" in message and "extractor.align=false" in message
     with pytest.raises(UserError, match=r"not in the hub cache.*extractor\.align=false"):
-        WhisperXExtractor(model=str(tiny_ct2), language="nl")
+        loaded(WhisperXExtractor(model=str(tiny_ct2), language="nl"))
     assert network.connects == [("huggingface.co", 443)] and network.lookups == []
     # A Whisper model by hub id: the same clear error, no request.
     with pytest.raises(UserError, match=r"cannot load Whisper model 'tiny'.*local CTranslate2"):
-        WhisperXExtractor(model="tiny", align=False)
+        loaded(WhisperXExtractor(model="tiny", align=False))
     assert network.lookups == []

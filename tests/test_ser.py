@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from audio_models.speech.ser import EmotionClassifierExtractor
+from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 from runners.train_ser import train
@@ -32,15 +33,17 @@ def legacy() -> tuple[Path, str]:
 def test_hash_mismatch_and_missing_hash_are_refused(legacy) -> None:
     path, digest = legacy
     with pytest.raises(UserError) as info:
-        EmotionClassifierExtractor(name="ser", model_path=str(path), sha256="0" * 64)
+        loaded(EmotionClassifierExtractor(name="ser", model_path=str(path), sha256="0" * 64))
     assert (
         str(path) in str(info.value) and digest in str(info.value) and "0" * 64 in str(info.value)
     )
     with pytest.raises(UserError, match=r"set extractor\.sha256"):
-        EmotionClassifierExtractor(name="ser", model_path=str(path))
-    trusted = EmotionClassifierExtractor(name="ser", model_path=str(path), trust_unverified=True)
+        loaded(EmotionClassifierExtractor(name="ser", model_path=str(path)))
+    trusted = loaded(
+        EmotionClassifierExtractor(name="ser", model_path=str(path), trust_unverified=True)
+    )
     assert trusted.provenance()["ser.verified_by"] == "unverified"
-    ok = EmotionClassifierExtractor(name="ser", model_path=str(path), sha256=digest.upper())
+    ok = loaded(EmotionClassifierExtractor(name="ser", model_path=str(path), sha256=digest.upper()))
     assert ok.provenance()["ser.verified_by"] == "sha256"
 
 
@@ -49,22 +52,30 @@ def test_shape_and_class_mismatches_name_both_sides(legacy) -> None:
     with pytest.raises(
         UserError, match=r"expects 180 features but extractor.features=\['mfcc'\] gives 40"
     ):
-        EmotionClassifierExtractor(
-            name="ser", model_path=str(path), sha256=digest, features=["mfcc"]
+        loaded(
+            EmotionClassifierExtractor(
+                name="ser", model_path=str(path), sha256=digest, features=["mfcc"]
+            )
         )
     with pytest.raises(
         UserError,
         match=r"\['happy', 'sad'\] but the classifier predicts \['angry', 'neutral', 'sad'\]",
     ):
-        EmotionClassifierExtractor(
-            name="ser", model_path=str(path), sha256=digest, emotions=["sad", "happy"]
+        loaded(
+            EmotionClassifierExtractor(
+                name="ser", model_path=str(path), sha256=digest, emotions=["sad", "happy"]
+            )
         )
     with pytest.raises(UserError, match="no KNeighborsRegressor"):
-        EmotionClassifierExtractor(
-            name="ser", model_path=str(path), sha256=digest, estimator="KNeighborsRegressor"
+        loaded(
+            EmotionClassifierExtractor(
+                name="ser", model_path=str(path), sha256=digest, estimator="KNeighborsRegressor"
+            )
         )
-    knn = EmotionClassifierExtractor(
-        name="ser", model_path=str(path), sha256=digest, estimator="KNeighborsClassifier"
+    knn = loaded(
+        EmotionClassifierExtractor(
+            name="ser", model_path=str(path), sha256=digest, estimator="KNeighborsClassifier"
+        )
     )
     assert knn.provenance()["ser.estimator"] == "KNeighborsClassifier"
 
@@ -110,11 +121,11 @@ def test_default_model_from_checkout_is_verified_by_git(
     monkeypatch.setenv("AUDIO_MODELS_EXTERNAL", str(tmp_path / "external"))
     monkeypatch.delenv("EMOTION_RECOGNITION_REPO", raising=False)
     with pytest.raises(UserError, match="setup_audio_repos --only emotion_recognition"):
-        EmotionClassifierExtractor(name="ser")
+        loaded(EmotionClassifierExtractor(name="ser"))
     from audio_models.scripts.setup_audio_repos import main as setup_main
 
     assert setup_main([]) == 0
-    extractor = EmotionClassifierExtractor(name="ser")
+    extractor = loaded(EmotionClassifierExtractor(name="ser"))
     assert extractor.provenance()["ser.verified_by"] == "git-blob-at-pin"
     assert extractor.upstreams == ("emotion_recognition",)
     # An edited file in the checkout is no longer verified by git: it needs its hash.
@@ -127,7 +138,7 @@ def test_default_model_from_checkout_is_verified_by_git(
     )
     model.write_bytes(model.read_bytes() + b"\0")
     with pytest.raises(UserError, match="refusing to unpickle"):
-        EmotionClassifierExtractor(name="ser")
+        loaded(EmotionClassifierExtractor(name="ser"))
 
 
 def _train_cfg(*overrides: str):

@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator
 
 from audio_models.speech.ser import EmotionClassifierExtractor
 from audio_models.speech.ser_legacy import UnsafePickleError, load_legacy_classifiers
+from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 from tests.conftest import SHARED
@@ -344,10 +345,10 @@ def test_gadget_is_refused_through_the_ser_entry_points(
     with pytest.raises(UnsafePickleError, match=name):
         load_legacy_classifiers(path)
     with pytest.raises(UserError, match=name):
-        EmotionClassifierExtractor(name="ser", model_path=str(path), trust_unverified=True)
+        loaded(EmotionClassifierExtractor(name="ser", model_path=str(path), trust_unverified=True))
     digest = hashlib.sha256(raw).hexdigest()
     with pytest.raises(UserError, match=name):
-        EmotionClassifierExtractor(name="ser", model_path=str(path), sha256=digest)
+        loaded(EmotionClassifierExtractor(name="ser", model_path=str(path), sha256=digest))
     cfg = make_cfg(
         "extractor=ser", f"extractor.model_path={path}", "extractor.trust_unverified=true"
     )

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from audio_models.speech.ssl import SelfSupervisedExtractor
-from audio_models.testing import FAMILIES, make_tiny
+from audio_models.testing import FAMILIES, loaded, make_tiny
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 
@@ -36,7 +36,9 @@ def _batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("pooling", ["mean", "mean_std", "none"])
 def test_batched_equals_one_by_one(tiny, pooling: str) -> None:
     family, folder = tiny
-    extractor = SelfSupervisedExtractor(name="x", model=str(folder), layers="all", pooling=pooling)
+    extractor = loaded(
+        SelfSupervisedExtractor(name="x", model=str(folder), layers="all", pooling=pooling)
+    )
     extractor.pad_on_cpu = True  # the masked, padded path a GPU takes
     waveforms, lengths = _batch([16000, 9000, 16000, 4321, 9000])
     with torch.inference_mode():
@@ -50,7 +52,9 @@ def test_batched_equals_one_by_one(tiny, pooling: str) -> None:
 def test_equals_transformers_on_each_file(tiny) -> None:
     """The reference: the model's own feature extractor and model on one file, mean pooled."""
     family, folder = tiny
-    extractor = SelfSupervisedExtractor(name="x", model=str(folder), layers=[0, -1], pooling="mean")
+    extractor = loaded(
+        SelfSupervisedExtractor(name="x", model=str(folder), layers=[0, -1], pooling="mean")
+    )
     feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
     waveforms, lengths = _batch([12000, 7000], seed=3)
@@ -100,22 +104,25 @@ def test_missing_model_offline_is_one_clear_error() -> None:
     with pytest.raises(
         UserError, match=r"cannot load model 'facebook/no-such-model' \(revision abc123\).*download"
     ):
-        SelfSupervisedExtractor(name="x", model="facebook/no-such-model", revision="abc123")
+        loaded(
+            SelfSupervisedExtractor(name="x", model="facebook/no-such-model", revision="abc123")
+        ).load()
 
 
 def test_bad_layers_and_pooling(tmp_path: Path) -> None:
     folder = make_tiny(tmp_path / "m", "wavlm-group")
     with pytest.raises(UserError, match="outside the model"):
-        SelfSupervisedExtractor(name="x", model=str(folder), layers=[7])
+        loaded(SelfSupervisedExtractor(name="x", model=str(folder), layers=[7])).load()
     with pytest.raises(UserError, match="pooling"):
-        SelfSupervisedExtractor(name="x", model=str(folder), pooling="max")
+        loaded(SelfSupervisedExtractor(name="x", model=str(folder), pooling="max"))
 
 
 def test_group_norm_models_really_need_equal_lengths(tmp_path: Path) -> None:
     """Why the grouping exists: padding a group-norm encoder changes the valid frames."""
-    extractor = SelfSupervisedExtractor(
-        name="x", model=str(make_tiny(tmp_path / "g", "hubert-group"))
+    extractor = loaded(
+        SelfSupervisedExtractor(name="x", model=str(make_tiny(tmp_path / "g", "hubert-group")))
     )
+    extractor.load()
     waveforms, lengths = _batch([16000, 6000])
     with torch.inference_mode():
         padded = extractor._forward_padded(waveforms, lengths)[1]
@@ -138,7 +145,7 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path) -> None
     with (folder / "pytorch_model.bin").open("wb") as handle:
         pickle.dump({"wav2vec2.masked_spec_embed": _Payload()}, handle)
     with pytest.raises(UserError, match="cannot load model"):
-        SelfSupervisedExtractor(name="x", model=str(folder))
+        loaded(SelfSupervisedExtractor(name="x", model=str(folder)))
     assert not marker.exists()
 
 
@@ -175,11 +182,13 @@ def test_length_bucket_sampler() -> None:
 
 @pytest.mark.parametrize("n", [401, 8000, 8080, 8081, 12345, 40000, 40079])
 def test_chunk_plan_covers_the_file_on_its_frame_grid(tmp_path: Path, n: int) -> None:
-    extractor = SelfSupervisedExtractor(
-        name="x",
-        model=str(make_tiny(tmp_path / "m", "wav2vec2-layer")),
-        max_chunk_s=0.5,
-        overlap_s=0.1,
+    extractor = loaded(
+        SelfSupervisedExtractor(
+            name="x",
+            model=str(make_tiny(tmp_path / "m", "wav2vec2-layer")),
+            max_chunk_s=0.5,
+            overlap_s=0.1,
+        )
     )
     starts = extractor.chunk_starts(n)
     assert starts[0] == 0 and all(s % extractor.stride == 0 for s in starts)
@@ -202,29 +211,35 @@ def test_chunked_frames_are_the_files_frames(tmp_path: Path) -> None:
     n = 16000 * 3 + 123
     signal = _long_signal(n)[None]
     lengths = torch.tensor([n])
-    whole = SelfSupervisedExtractor(
-        name="x", model=str(folder), layers=[0, -1], pooling="none", max_chunk_s=None
+    whole = loaded(
+        SelfSupervisedExtractor(
+            name="x", model=str(folder), layers=[0, -1], pooling="none", max_chunk_s=None
+        )
     )
-    chunked = SelfSupervisedExtractor(
-        name="x",
-        model=str(folder),
-        layers=[0, -1],
-        pooling="none",
-        max_chunk_s=0.5,
-        overlap_s=0.2,
-        chunk_batch=3,
+    chunked = loaded(
+        SelfSupervisedExtractor(
+            name="x",
+            model=str(folder),
+            layers=[0, -1],
+            pooling="none",
+            max_chunk_s=0.5,
+            overlap_s=0.2,
+            chunk_batch=3,
+        )
     )
     with torch.inference_mode():
         expected = whole.forward(signal, lengths)[0]
         ours = chunked.forward(signal, lengths)[0]
-        pooled = SelfSupervisedExtractor(
-            name="x",
-            model=str(folder),
-            layers=[0, -1],
-            pooling="mean_std",
-            max_chunk_s=0.5,
-            overlap_s=0.2,
-            chunk_batch=3,
+        pooled = loaded(
+            SelfSupervisedExtractor(
+                name="x",
+                model=str(folder),
+                layers=[0, -1],
+                pooling="mean_std",
+                max_chunk_s=0.5,
+                overlap_s=0.2,
+                chunk_batch=3,
+            )
         ).forward(signal, lengths)[0]
     assert len(chunked.chunk_starts(n)) > 5
     assert ours.shape == expected.shape
@@ -244,10 +259,14 @@ def test_chunked_frames_are_the_files_frames(tmp_path: Path) -> None:
 
 def test_chunked_group_norm_and_short_rows_in_one_batch(tmp_path: Path) -> None:
     folder = make_tiny(tmp_path / "m", "hubert-group")
-    extractor = SelfSupervisedExtractor(
-        name="x", model=str(folder), pooling="none", max_chunk_s=0.5, overlap_s=0.1
+    extractor = loaded(
+        SelfSupervisedExtractor(
+            name="x", model=str(folder), pooling="none", max_chunk_s=0.5, overlap_s=0.1
+        )
     )
-    whole = SelfSupervisedExtractor(name="x", model=str(folder), pooling="none", max_chunk_s=None)
+    whole = loaded(
+        SelfSupervisedExtractor(name="x", model=str(folder), pooling="none", max_chunk_s=None)
+    )
     waveforms, lengths = _batch([20000, 6000, 6000, 45000])
     with torch.inference_mode():
         ours = extractor.forward(waveforms, lengths)
@@ -261,9 +280,9 @@ def test_chunked_group_norm_and_short_rows_in_one_batch(tmp_path: Path) -> None:
 def test_bad_chunk_settings(tmp_path: Path) -> None:
     folder = make_tiny(tmp_path / "m", "wavlm-group")
     with pytest.raises(UserError, match="overlap"):
-        SelfSupervisedExtractor(name="x", model=str(folder), max_chunk_s=1.0, overlap_s=1.0)
+        loaded(SelfSupervisedExtractor(name="x", model=str(folder), max_chunk_s=1.0, overlap_s=1.0))
     with pytest.raises(UserError, match="storage_dtype"):
-        SelfSupervisedExtractor(name="x", model=str(folder), storage_dtype="int8")
+        loaded(SelfSupervisedExtractor(name="x", model=str(folder), storage_dtype="int8"))
 
 
 def test_runner_chunks_long_files_and_stores_float16(make_cfg, tmp_path: Path) -> None:

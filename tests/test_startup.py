@@ -23,14 +23,16 @@ def _imported(stderr: str) -> set[str]:
     return set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.MULTILINE))
 
 
-def _run(tmp_path: Path, runner: str, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+def _run(
+    tmp_path: Path, runner: str, *args: str, allow: tuple[str, ...] = ()
+) -> tuple[subprocess.CompletedProcess[str], str]:
     command = [sys.executable, "-X", "importtime", "-m", runner, *args]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     report = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("import time:"))
     message = "\n".join(
         line for line in proc.stderr.splitlines() if not line.startswith("import time:")
     )
-    heavy = {m for m in _imported(report) if m.split(".")[0] in HEAVY}
+    heavy = {m for m in _imported(report) if m.split(".")[0] in set(HEAVY) - set(allow)}
     assert not heavy, f"imported before the error: {sorted(heavy)[:8]}"
     return proc, message
 
@@ -82,6 +84,49 @@ def test_configuration_errors_exit_2_before_torch(tmp_path: Path, case: str) -> 
     )
     assert proc.returncode == 2, message
     assert expected.format(**paths) in message
+    assert "Traceback" not in message + proc.stdout
+
+
+EXTRACTOR_CASES: dict[str, tuple[list[str], str, tuple[str, ...]]] = {
+    "ssl pooling": (
+        ["extractor=wav2vec2", "extractor.pooling=max"],
+        "error: extractor.pooling must be one of",
+        (),
+    ),
+    "ssl layers": (
+        ["extractor=xlsr", "extractor.layers=last"],
+        "error: extractor.layers must be a list of indices or 'all'",
+        (),
+    ),
+    "fbank cepstra": (
+        ["extractor=mfcc", "extractor.num_ceps=200"],
+        "error: extractor.num_ceps",
+        (),
+    ),
+    "crepe range": (["extractor=crepe", "extractor.fmin=5"], "error: extractor.fmin=5.0", ()),
+    "whisperx rate": (["extractor=whisperx", "extractor.sample_rate=8000"], "16000", ()),
+    "openSMILE set": (
+        ["extractor=egemaps", "extractor.feature_set=eGeMAPSv9"],
+        "error: extractor.feature_set must be one of",
+        ("opensmile",),  # its own library checks the name; still no torch
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EXTRACTOR_CASES)
+def test_extractor_option_errors_exit_2_before_torch(tmp_path: Path, case: str) -> None:
+    """The extractor is described (options checked) before torch or any weights load."""
+    args, expected, allow = EXTRACTOR_CASES[case]
+    proc, message = _run(
+        tmp_path,
+        "runners.extract",
+        "tracking=off",
+        f"hydra.run.dir={tmp_path}/hydra",
+        *args,
+        allow=allow,
+    )
+    assert proc.returncode == 2, message
+    assert expected in message
     assert "Traceback" not in message + proc.stdout
 
 

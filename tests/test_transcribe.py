@@ -14,6 +14,7 @@ import torch
 from audio_models.evaluation import word_error_rate
 from audio_models.extractor import Placement
 from audio_models.speech.s2t import Speech2TextExtractor
+from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 from benchmarks.asr_models import save_random_s2t
 from runners.extract import extract
@@ -49,7 +50,7 @@ def _batch(signals: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 def test_s2t_batch_equals_transformers_on_each_file(tiny_s2t: Path) -> None:
     from transformers import Speech2TextForConditionalGeneration, Speech2TextProcessor
 
-    extractor = Speech2TextExtractor(model=str(tiny_s2t))
+    extractor = loaded(Speech2TextExtractor(model=str(tiny_s2t)))
     signals = _voices(4)
     with torch.inference_mode():
         batched = extractor.forward(*_batch(signals))
@@ -80,7 +81,7 @@ def test_s2t_batch_equals_transformers_on_each_file(tiny_s2t: Path) -> None:
 @pytest.mark.usefixtures("offline_hub")
 def test_s2t_missing_model_offline_is_one_clear_error() -> None:
     with pytest.raises(UserError, match=r"cannot load model 'facebook/s2t-small-librispeech-asr'"):
-        Speech2TextExtractor(model="facebook/s2t-small-librispeech-asr")
+        loaded(Speech2TextExtractor(model="facebook/s2t-small-librispeech-asr"))
 
 
 def _harvard_manifest(folder: Path, *, segments: bool = False, n: int | None = None) -> Path:
@@ -324,21 +325,21 @@ def test_whisperx_clear_errors_before_any_work(
     model, _ = tiny_whisper
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(UserError, match=r"diarize=true needs a Hugging Face token .* HF_TOKEN"):
-        WhisperXExtractor(model="small", diarize=True)
+        loaded(WhisperXExtractor(model="small", diarize=True))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set here: the token check above runs online
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UserError, match=r"cannot load Whisper model 'tiny'.*local CTranslate2"):
-        WhisperXExtractor(model="tiny")
+        loaded(WhisperXExtractor(model="tiny"))
     # English alignment defaults to a torchaudio bundle that is downloaded on first use.
     with pytest.raises(UserError, match=r"WAV2VEC2_ASR_BASE_960H .*not downloaded"):
-        WhisperXExtractor(model=str(model), language="en")
+        loaded(WhisperXExtractor(model=str(model), language="en"))
     with pytest.raises(UserError, match=r"alignment model 'jonatasgrosman/.*not in the hub cache"):
-        WhisperXExtractor(model=str(model), language="nl")
+        loaded(WhisperXExtractor(model=str(model), language="nl"))
     with pytest.raises(UserError, match="silero"):
-        WhisperXExtractor(model=str(model), vad_method="silero")
+        loaded(WhisperXExtractor(model=str(model), vad_method="silero"))
     with pytest.raises(UserError, match=r"without model\.bin"):
-        WhisperXExtractor(model=str(tmp_path))
+        loaded(WhisperXExtractor(model=str(tmp_path)))
 
 
 def test_whisperx_option_instantiates(tiny_whisper) -> None:
@@ -363,8 +364,8 @@ def test_whisperx_token_is_read_but_never_logged(
 
     model, _ = tiny_whisper
     monkeypatch.setenv("AM_TEST_TOKEN", "hf_secret_value")
-    extractor = WhisperXExtractor(
-        model=str(model), align=False, diarize=True, hf_token_env="AM_TEST_TOKEN"
+    extractor = loaded(
+        WhisperXExtractor(model=str(model), align=False, diarize=True, hf_token_env="AM_TEST_TOKEN")
     )
     cfg = make_cfg(*_whisper_overrides(tiny_whisper), "extractor.hf_token_env=AM_TEST_TOKEN")
     assert "hf_secret_value" not in str(extractor.provenance())
@@ -444,7 +445,7 @@ def test_english_only_model_with_another_language_stops_before_any_work(
     from audio_models.speech.whisper import WhisperXExtractor
 
     with pytest.raises(UserError, match=r"English-only Whisper model: set extractor\.language=en"):
-        WhisperXExtractor(model=str(tiny_whisper_en), language="de", align=False)
+        loaded(WhisperXExtractor(model=str(tiny_whisper_en), language="de", align=False))
 
 
 def test_transcripts_table_is_written_when_every_item_failed(

@@ -80,7 +80,7 @@ def _bursts(seed: int, tail: int) -> np.ndarray:
 
 
 def test_defaults_are_faster_whispers_vad_options() -> None:
-    from audio_models.config import VadConfig
+    from audio_models.speech.vad import VadConfig
 
     defaults, ours = VadOptions(), VadConfig()
     assert ours.threshold == defaults.threshold

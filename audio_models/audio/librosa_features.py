@@ -6,10 +6,12 @@ signal at its own rate; each part the mean over frames with librosa's defaults o
 
 from __future__ import annotations
 
-import librosa
+from dataclasses import dataclass
+
 import numpy as np
 
 from audio_models.extractor import Extractor, OutputKind, Placement
+from audio_models.registry import register_extractor
 from audio_models.utils.errors import ExtractionError
 
 # (part, number of values) in the upstream order.
@@ -22,6 +24,19 @@ _PARTS: tuple[tuple[str, int], ...] = (
 )
 
 
+@dataclass
+class LibrosaConfig:
+    _target_: str = "audio_models.audio.librosa_features.LibrosaExtractor"
+    name: str = "librosa"
+    mfcc: bool = True
+    chroma: bool = True
+    mel: bool = True
+    contrast: bool = True
+    tonnetz: bool = True
+    sample_rate: int | None = None  # None (upstream behaviour): each file's own rate
+
+
+@register_extractor("librosa", config=LibrosaConfig)
 class LibrosaExtractor(Extractor):
     """MFCC(40) + chroma(12) + mel(128) + spectral contrast(7) + tonnetz(6), frame means.
 
@@ -69,6 +84,8 @@ class LibrosaExtractor(Extractor):
         return self._names
 
     def transform(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
+        import librosa
+
         x = np.asarray(signal, dtype=np.float32)
         if x.shape[0] < self.min_samples:
             raise ExtractionError(
@@ -92,4 +109,6 @@ class LibrosaExtractor(Extractor):
         return np.hstack([np.array([]), *values])
 
     def provenance(self) -> dict[str, str]:
+        import librosa
+
         return {"librosa.version": librosa.__version__, "librosa.parts": ",".join(self.parts)}

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import opensmile
-from opensmile.core.config import config as smile_config
-from opensmile.core.lib import FrameMetaData, OpenSMILE
 
 from audio_models.extractor import Extractor, OutputKind, Placement
-from audio_models.utils.errors import ExtractionError
+from audio_models.registry import register_extractor
+from audio_models.utils.errors import ExtractionError, UserError
+
+if TYPE_CHECKING:
+    import opensmile
+    from opensmile.core.lib import FrameMetaData, OpenSMILE
 
 # openSMILE's frame step for the low-level descriptors of eGeMAPS and ComParE.
 _LLD_FRAME_SHIFT_S = 0.01
+
+
+@dataclass
+class OpenSmileConfig:
+    _target_: str = "audio_models.audio.smile.OpenSmileExtractor"
+    name: str = "egemaps"
+    feature_set: str = "eGeMAPSv02"  # an opensmile.FeatureSet name: eGeMAPSv02, ComParE_2016, ...
+    feature_level: str = "Functionals"  # Functionals | LowLevelDescriptors
+    sample_rate: int | None = None  # None: each file's own rate
 
 
 class _Engine:
@@ -28,6 +40,8 @@ class _Engine:
     """
 
     def __init__(self, smile: opensmile.Smile, sample_rate: int) -> None:
+        from opensmile.core.config import config as smile_config
+
         # The options opensmile.Smile._extract passes: its external audio source at this rate.
         # _options/_smile are the wrapper's private helpers (opensmile is pinned in uv.lock;
         # the tests against process_file would catch a change in what they build).
@@ -46,6 +60,8 @@ class _Engine:
 
     def run(self, signal: np.ndarray) -> np.ndarray:
         """(frames, features) for a mono float signal; no rows when openSMILE emits none."""
+        from opensmile.core.config import config as smile_config
+
         if self.used:
             self.api.reset()
         self.used = True
@@ -71,8 +87,11 @@ class _Engine:
         self.api.free()
 
 
+@register_extractor("egemaps", "egemaps_lld", "compare", config=OpenSmileConfig)
 class OpenSmileExtractor(Extractor):
-    """openSMILE via ``opensmile.Smile``, per item in the loader workers.
+    """openSMILE feature sets (eGeMAPSv02, ComParE_2016) through the official Python wrapper.
+
+    Runs per item in the loader workers.
 
     Given the signal at the file's own rate (``sample_rate=None``) the result equals
     ``opensmile.Smile(feature_set, feature_level).process_file(path)``. Each worker keeps one
@@ -97,19 +116,25 @@ class OpenSmileExtractor(Extractor):
         sample_rate: int | None = None,
     ) -> None:
         super().__init__(name=name, sample_rate=sample_rate)
-        try:
-            self._feature_set = opensmile.FeatureSet[feature_set]
-            self._feature_level = opensmile.FeatureLevel[feature_level]
-        except KeyError as exc:
-            raise ValueError(f"unknown openSMILE feature set or level: {exc}") from None
+        self.feature_set, self.feature_level = feature_set, feature_level
         self._smile: opensmile.Smile | None = None
         self._engines: dict[int, _Engine] = {}
         self._engines_pid = os.getpid()
-        self._names = list(self.smile.feature_names)
+        self._names: list[str] | None = None
+        # openSMILE (no torch) checks the names: a wrong one fails before the run starts.
+        import opensmile
+
+        sets, levels = opensmile.FeatureSet.__members__, opensmile.FeatureLevel.__members__
+        if self.feature_set not in sets or self.feature_level not in levels:
+            raise UserError(
+                f"extractor.feature_set must be one of {sorted(sets)} and extractor.feature_level "
+                f"one of {sorted(levels)}, got {self.feature_set!r}/{self.feature_level!r}"
+            )
+        self._enums = sets[self.feature_set], levels[self.feature_level]
 
     @property
     def kind(self) -> OutputKind:  # type: ignore[override]
-        if self._feature_level == opensmile.FeatureLevel.Functionals:
+        if self.feature_level == "Functionals":
             return OutputKind.VECTOR
         return OutputKind.FRAMES
 
@@ -117,13 +142,15 @@ class OpenSmileExtractor(Extractor):
     def smile(self) -> opensmile.Smile:
         """The wrapper, built lazily so that each worker process owns its own."""
         if self._smile is None:
-            self._smile = opensmile.Smile(
-                feature_set=self._feature_set, feature_level=self._feature_level
-            )
+            import opensmile
+
+            self._smile = opensmile.Smile(feature_set=self._enums[0], feature_level=self._enums[1])
         return self._smile
 
     @property
     def feature_names(self) -> list[str]:
+        if self._names is None:
+            self._names = list(self.smile.feature_names)
         return self._names
 
     @property
@@ -157,9 +184,11 @@ class OpenSmileExtractor(Extractor):
         return values[0] if self.kind == OutputKind.VECTOR else values
 
     def provenance(self) -> dict[str, str]:
+        import opensmile
+
         return {
-            "opensmile.feature_set": self._feature_set.name,
-            "opensmile.feature_level": self._feature_level.name,
+            "opensmile.feature_set": self.feature_set,
+            "opensmile.feature_level": self.feature_level,
             "opensmile.version": opensmile.__version__,
         }
 

@@ -15,14 +15,19 @@ initialisation and only a warning: it is refused before any work.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+from omegaconf import MISSING
 
 from audio_models.extractor import Extractor, Output, OutputKind
+from audio_models.registry import register_extractor
 from audio_models.speech.hub import hub_provenance, load_pretrained
 from audio_models.speech.ssl import SelfSupervisedExtractor
 from audio_models.utils.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 #: The text column holding the most probable class.
 PREDICTION = "prediction"
@@ -59,6 +64,17 @@ def _load(model: str, revision: str | None) -> tuple[Any, Any, Any]:
     return feature_extractor, network.eval(), folder
 
 
+@dataclass
+class AudioClassifierConfig:
+    _target_: str = "audio_models.speech.classifier.AudioClassifierExtractor"
+    name: str = "audio_classifier"
+    model: str = MISSING  # hub id or local directory of an audio-classification checkpoint
+    revision: str | None = None
+    sample_rate: int = 16000
+    storage_dtype: str = "float32"
+
+
+@register_extractor("audio_classifier", config=AudioClassifierConfig)
 class AudioClassifierExtractor(SelfSupervisedExtractor):
     """Class probabilities (``p_<label>`` per class of ``id2label``) and the most probable
     label (text column ``prediction``) of each recording.
@@ -86,6 +102,16 @@ class AudioClassifierExtractor(SelfSupervisedExtractor):
     ) -> None:
         Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
         self.model_id, self.revision = model, revision
+        self.pooling = "mean"
+        self._loaded = False
+
+    def load(self) -> None:
+        if not self._loaded:
+            self._read_weights()
+            self._loaded = True
+
+    def _read_weights(self, layers: list[int] | str = ()) -> None:
+        model, revision, sample_rate = self.model_id, self.revision, self.sample_rate or 16000
         self.feature_extractor, self.network, folder = _load(model, revision)
         config = self.network.config
         if getattr(self.feature_extractor, "sampling_rate", sample_rate) != sample_rate:
@@ -102,7 +128,6 @@ class AudioClassifierExtractor(SelfSupervisedExtractor):
         self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         if len(set(self.labels)) != len(self.labels):
             raise UserError(f"{model}: id2label repeats labels {self.labels}")
-        self.pooling = "mean"
         self.normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
         # The SSL rule: only layer-norm feature encoders may see padding (under a mask).
         # Whisper rows are padded to the window whatever the batch, so they always share one.
@@ -124,9 +149,8 @@ class AudioClassifierExtractor(SelfSupervisedExtractor):
     def kind(self) -> OutputKind:  # type: ignore[override]
         return OutputKind.VECTOR
 
-    @property
-    def min_samples(self) -> int:
-        return 1 if self.whisper else super().min_samples
+    def _receptive_field(self) -> int:
+        return 1 if self.whisper else super()._receptive_field()
 
     @property
     def frame_shift_s(self) -> None:  # type: ignore[override]
@@ -138,6 +162,7 @@ class AudioClassifierExtractor(SelfSupervisedExtractor):
 
     @property
     def feature_names(self) -> list[str]:
+        self.load()
         return [f"p_{label}" for label in self.labels]
 
     @property
@@ -148,6 +173,7 @@ class AudioClassifierExtractor(SelfSupervisedExtractor):
         return self.whisper or super()._pads(device)
 
     def padded_samples(self, lengths: torch.Tensor, device: torch.device) -> int:
+        self.load()
         return 0 if self.whisper else super().padded_samples(lengths, device)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[Output]:  # type: ignore[override]
@@ -159,6 +185,8 @@ class AudioClassifierExtractor(SelfSupervisedExtractor):
 
     def _forward_padded(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Class probabilities of rows that share one forward (see :meth:`forward`'s rule)."""
+        import torch
+
         if self.whisper:
             logits = self._whisper_logits(waveforms, lengths)
         else:

@@ -21,18 +21,22 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ruamel.yaml
-import torch
 import yaml
 
-from audio_models.data.datasets import default_cache_dir
 from audio_models.extractor import Extractor, OutputKind, Placement
+from audio_models.registry import register_extractor
 from audio_models.speech.hub import hub_offline
 from audio_models.utils.errors import UserError, model_unavailable
+from audio_models.utils.paths import default_cache_dir
 from audio_models.utils.provenance import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 # The classes the published speechbrain/spkrec-ecapa-voxceleb hyperparams.yaml builds with
 # ``!new:`` (features, normalisation, the ECAPA-TDNN and its classifier head, the label encoder
@@ -228,6 +232,19 @@ def _model_source(model: str) -> tuple[str, bool]:
     return os.path.abspath(local), True
 
 
+@dataclass
+class EcapaConfig:
+    _target_: str = "audio_models.speech.ecapa.EcapaExtractor"
+    name: str = "ecapa"
+    model: str = "speechbrain/spkrec-ecapa-voxceleb"
+    revision: str | None = None
+    normalize: bool = False  # the model's embedding normalisation (encode_batch normalize=)
+    sample_rate: int = 16000
+    max_chunk_s: float | None = 60.0  # longer files: length-weighted mean of chunk embeddings
+    storage_dtype: str = "float32"
+
+
+@register_extractor("ecapa", config=EcapaConfig)
 class EcapaExtractor(Extractor):
     """One speaker embedding per item from a SpeechBrain ``EncoderClassifier``.
 
@@ -260,6 +277,13 @@ class EcapaExtractor(Extractor):
         # ECAPA's activations grow with the input (about 1 GB per minute of audio at full
         # size): longer recordings are embedded in near-equal chunks, averaged by length.
         self.max_chunk = None if max_chunk_s is None else int(max_chunk_s * sample_rate)
+        self.model_id, self.revision, self.normalize = model, revision, normalize
+        self.mods: Any = None
+
+    def load(self) -> None:
+        if self.mods is not None:
+            return
+        model, revision, normalize = self.model_id, self.revision, self.normalize
         from speechbrain.inference.speaker import EncoderClassifier
         from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
@@ -324,10 +348,8 @@ class EcapaExtractor(Extractor):
                 " or pass a local directory"
             ) from None
         self.classifier = classifier
-        self.mods = classifier.mods.eval()
-        self.normalize = normalize
         self.norm_emb = classifier.hparams.mean_var_norm_emb if normalize else None
-        self.dim = int(self.mods.embedding_model.fc.conv.out_channels)  # lin_neurons
+        self.dim = int(classifier.mods.embedding_model.fc.conv.out_channels)  # lin_neurons
         weights = savedir / "embedding_model.ckpt"
         self._provenance = {
             "ecapa.model": model,
@@ -338,6 +360,7 @@ class EcapaExtractor(Extractor):
             else "unknown",
             "ecapa.padding": "equal-length groups",
         }
+        self.mods = classifier.mods.eval()  # last: a load that failed half-way runs again
 
     @property
     def min_samples(self) -> int:
@@ -346,13 +369,18 @@ class EcapaExtractor(Extractor):
 
     @property
     def feature_groups(self) -> list[tuple[str, int]]:
+        self.load()
         return [("embedding", self.dim)]
 
     @property
     def feature_names(self) -> list[str]:
+        self.load()
         return [f"embedding_{j}" for j in range(self.dim)]
 
     def torch_module(self) -> torch.nn.Module:
+        import torch
+
+        self.load()
         modules = torch.nn.ModuleDict(dict(self.mods.items()))
         if self.norm_emb is not None:
             modules["mean_var_norm_emb"] = self.norm_emb
@@ -362,6 +390,9 @@ class EcapaExtractor(Extractor):
         return 0  # rows run in groups of equal length
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
+        self.load()
         groups: dict[int, list[int]] = defaultdict(list)
         outputs: list[torch.Tensor | None] = [None] * len(lengths)
         for row, n in enumerate(lengths.tolist()):
@@ -377,6 +408,8 @@ class EcapaExtractor(Extractor):
 
     def _encode_long(self, signal: torch.Tensor) -> torch.Tensor:
         """Length-weighted mean of the embeddings of near-equal chunks, one at a time."""
+        import torch
+
         assert self.max_chunk is not None
         n = signal.shape[0]
         count = -(-n // self.max_chunk)
@@ -388,6 +421,8 @@ class EcapaExtractor(Extractor):
 
     def _encode(self, wavs: torch.Tensor) -> torch.Tensor:
         """``EncoderClassifier.encode_batch`` on equal-length rows (relative lengths all 1)."""
+        import torch
+
         full = torch.ones(wavs.shape[0], device=wavs.device)
         feats = self.mods.compute_features(wavs.float())
         feats = self.mods.mean_var_norm(feats, full)
@@ -399,4 +434,5 @@ class EcapaExtractor(Extractor):
         return embeddings[:, 0].float()
 
     def provenance(self) -> dict[str, str]:
+        self.load()
         return dict(self._provenance)

@@ -16,17 +16,32 @@ what the row alone gets from the convolution's own zero padding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
-
-import torch
-import torchaudio.compliance.kaldi as ta_kaldi
+from typing import TYPE_CHECKING, Any
 
 from audio_models.extractor import Extractor, OutputKind, Placement, Segment, Transcript, Word
+from audio_models.registry import register_extractor
 from audio_models.speech.hub import hub_provenance, load_pretrained
 from audio_models.utils.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
 
+
+@dataclass
+class S2tConfig:
+    _target_: str = "audio_models.speech.s2t.Speech2TextExtractor"
+    name: str = "s2t"
+    model: str = "facebook/s2t-small-librispeech-asr"
+    revision: str | None = None
+    num_beams: int | None = None  # None: the model's generation config
+    max_new_tokens: int | None = None
+    batch_audio_s: float | None = 240.0  # used when loader.batch_audio_s is unset
+    sample_rate: int = 16000
+
+
+@register_extractor("s2t", config=S2tConfig)
 class Speech2TextExtractor(Extractor):
     """Batched Speech2Text transcription.
 
@@ -60,7 +75,21 @@ class Speech2TextExtractor(Extractor):
         sample_rate: int = 16000,
     ) -> None:
         super().__init__(name=name, sample_rate=sample_rate)
+        self.model_id, self.revision = model, revision
+        self.batch_audio_s = batch_audio_s
+        self.generate_kwargs: dict[str, Any] = {}
+        if num_beams is not None:
+            self.generate_kwargs["num_beams"] = num_beams
+        if max_new_tokens is not None:
+            self.generate_kwargs["max_new_tokens"] = max_new_tokens
+        self.network: torch.nn.Module | None = None
+
+    def load(self) -> None:
+        if self.network is not None:
+            return
         from transformers import Speech2TextForConditionalGeneration, Speech2TextProcessor
+
+        model, revision, sample_rate = self.model_id, self.revision, self.sample_rate
 
         (processor, network), folder = load_pretrained(
             model,
@@ -76,23 +105,19 @@ class Speech2TextExtractor(Extractor):
                 f"extractor.sample_rate={sample_rate} but {model} expects {features.sampling_rate}"
             )
         self.processor = processor
-        self.network = network.eval()
-        self.batch_audio_s = batch_audio_s
-        self.generate_kwargs: dict[str, Any] = {}
-        if num_beams is not None:
-            self.generate_kwargs["num_beams"] = num_beams
-        if max_new_tokens is not None:
-            self.generate_kwargs["max_new_tokens"] = max_new_tokens
         self._provenance = hub_provenance("s2t", model, revision, network, folder)
         self._conv = network.model.encoder.conv
         #: Valid output length of each subsampler convolution for the batch in flight.
         self._conv_lengths: list[torch.Tensor] | None = None
         for index, layer in enumerate(self._conv.conv_layers):
             layer.register_forward_hook(partial(self._mask_padding, index))
+        self.network = network.eval()  # last: a load that failed half-way runs again
 
     def _mask_padding(
         self, index: int, module: torch.nn.Module, args: Any, output: torch.Tensor
     ) -> torch.Tensor:
+        import torch
+
         if self._conv_lengths is None:
             return output
         valid = self._conv_lengths[index]
@@ -100,6 +125,8 @@ class Speech2TextExtractor(Extractor):
         return output * keep[:, None, :].to(output.dtype)
 
     def _plan_conv_lengths(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
         lengths, out = frames, []
         for layer in self._conv.conv_layers:
             (k,), (s,), (p,) = layer.kernel_size, layer.stride, layer.padding
@@ -117,15 +144,21 @@ class Speech2TextExtractor(Extractor):
         return int(0.025 * self.sample_rate)  # one 25 ms filterbank frame
 
     def torch_module(self) -> torch.nn.Module:
+        self.load()
         return self.network
 
     def provenance(self) -> dict[str, str]:
+        self.load()
         return dict(self._provenance)
 
     def input_features(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The processor's normalised filterbanks of each row, zero-padded, and their mask."""
+        import torch
+        import torchaudio.compliance.kaldi as ta_kaldi
+
+        self.load()
         fe = self.processor.feature_extractor
         rows = []
         for row, n in enumerate(lengths.tolist()):
@@ -154,6 +187,9 @@ class Speech2TextExtractor(Extractor):
         return features, mask.long()
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[Transcript]:
+        import torch
+
+        self.load()
         features, mask = self.input_features(waveforms.float(), lengths)
         dtype = next(self.network.parameters()).dtype
         frames = mask.sum(dim=1)

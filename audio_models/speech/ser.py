@@ -10,6 +10,7 @@ other file must match ``sha256``. Features are the upstream librosa vector of 16
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from audio_models.audio.librosa_features import LibrosaExtractor
 from audio_models.extractor import Extractor, Output, OutputKind, Placement
-from audio_models.speech.ser_legacy import load_legacy_classifiers
+from audio_models.registry import register_extractor
 from audio_models.utils.errors import UserError
 from audio_models.utils.repos import blob_at, resolve
 
@@ -110,6 +111,8 @@ def load_classifier(
         model = _load_skops(data, path)
         provenance["ser.estimator"] = type(model).__name__
         return model, provenance
+    from audio_models.speech.ser_legacy import load_legacy_classifiers
+
     entries = load_legacy_classifiers(data)
     if estimator is not None:
         chosen = [e for e in entries if type(e.estimator).__name__ == estimator]
@@ -129,6 +132,22 @@ def load_classifier(
     return entry.estimator, provenance
 
 
+@dataclass
+class SerConfig:
+    _target_: str = "audio_models.speech.ser.EmotionClassifierExtractor"
+    name: str = "ser"
+    model_path: str | None = None
+    sha256: str | None = None
+    trust_unverified: bool = False
+    estimator: str | None = None
+    features: list[str] = field(default_factory=lambda: ["mfcc", "chroma", "mel"])
+    emotions: list[str] | None = None
+    output_column: str = "emotion"
+    keep_features: bool = False
+    sample_rate: int = 16000
+
+
+@register_extractor("ser", config=SerConfig)
 class EmotionClassifierExtractor(Extractor):
     """Predicted emotion and per-class probabilities from a verified upstream-format classifier.
 
@@ -174,26 +193,42 @@ class EmotionClassifierExtractor(Extractor):
             sample_rate=sample_rate,
             **{p: p in parts for p in ("mfcc", "chroma", "mel", "contrast", "tonnetz")},
         )
-        self.model, self._provenance = load_classifier(
-            model_path, sha256=sha256, trust_unverified=trust_unverified, estimator=estimator
+        self.model_path, self.sha256, self.estimator = model_path, sha256, estimator
+        self.trust_unverified = trust_unverified
+        self.parts, self.emotions = parts, emotions
+        self.output_column = output_column
+        self.keep_features = keep_features
+        self.model: Any = None
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        model, self._provenance = load_classifier(
+            self.model_path,
+            sha256=self.sha256,
+            trust_unverified=self.trust_unverified,
+            estimator=self.estimator,
         )
-        if not hasattr(self.model, "predict_proba"):
-            raise UserError(f"{type(self.model).__name__} gives no probabilities (predict_proba)")
+        self._check(model)
+        self.model = model
+
+    def _check(self, model: Any) -> None:
+        parts, emotions = self.parts, self.emotions
+        if not hasattr(model, "predict_proba"):
+            raise UserError(f"{type(model).__name__} gives no probabilities (predict_proba)")
         width = len(self.features.feature_names)
-        expected = getattr(self.model, "n_features_in_", width)
+        expected = getattr(model, "n_features_in_", width)
         if expected != width:
             raise UserError(
                 f"the classifier expects {expected} features but extractor.features={parts} gives "
                 f"{width}; set extractor.features to the parts it was trained on"
             )
-        self.classes = [str(c) for c in self.model.classes_]
+        self.classes = [str(c) for c in model.classes_]
         if emotions is not None and sorted(emotions) != sorted(self.classes):
             raise UserError(
                 f"extractor.emotions={sorted(emotions)} but the classifier predicts "
                 f"{sorted(self.classes)}"
             )
-        self.output_column = output_column
-        self.keep_features = keep_features
 
     @property
     def min_samples(self) -> int:
@@ -201,6 +236,7 @@ class EmotionClassifierExtractor(Extractor):
 
     @property
     def feature_names(self) -> list[str]:
+        self.load()
         names = [f"p_{c}" for c in self.classes]
         return names + self.features.feature_names if self.keep_features else names
 
@@ -209,6 +245,7 @@ class EmotionClassifierExtractor(Extractor):
         return [self.output_column]
 
     def transform(self, signal: np.ndarray, sample_rate: int) -> Output:
+        self.load()
         vector = np.asarray(self.features.transform(signal, sample_rate))
         row = vector.reshape(1, -1)
         probabilities = self.model.predict_proba(row)[0]
@@ -219,4 +256,5 @@ class EmotionClassifierExtractor(Extractor):
         return Output(values=values, extra={self.output_column: label})
 
     def provenance(self) -> dict[str, str]:
+        self.load()
         return {**self._provenance, **self.features.provenance()}

@@ -10,15 +10,20 @@ groups of equal length. Either way a batch gives the numbers each file gives alo
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from omegaconf import MISSING
 
 from audio_models.extractor import Extractor, OutputKind, Placement
+from audio_models.registry import register_extractor
 from audio_models.speech.hub import hub_provenance, load_pretrained
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 POOLINGS = ("none", "mean", "mean_std")
 
@@ -48,6 +53,32 @@ def _checked_pooling(pooling: str) -> str:
     return pooling
 
 
+@dataclass
+class SslOutputConfig:
+    """What every wav2vec2-family extractor takes beside where its model comes from."""
+
+    # [indices] (0 = the feature projection, k = transformer layer k, -1 = last) or "all"
+    layers: Any = field(default_factory=lambda: [-1])
+    pooling: str = "mean"  # none (frames) | mean | mean_std
+    sample_rate: int = 16000
+    # Longer recordings run in overlapping chunks stitched on the frame grid (null: whole
+    # files, exact but memory grows with length).
+    max_chunk_s: float | None = 30.0
+    overlap_s: float = 2.0
+    chunk_batch: int = 4  # chunks of one recording per forward
+    storage_dtype: str = "float32"  # float32 | float16 (stored values; compute unaffected)
+
+
+@dataclass
+class SslConfig(SslOutputConfig):
+    _target_: str = "audio_models.speech.ssl.SelfSupervisedExtractor"
+    # Set by each conf/extractor YAML (xlsr, wav2vec2, hubert, wavlm): the one place they live.
+    name: str = MISSING
+    model: str = MISSING  # hub id or local directory
+    revision: str | None = None
+
+
+@register_extractor("xlsr", "wav2vec2", "hubert", "wavlm", config=SslConfig)
 class SelfSupervisedExtractor(Extractor):
     """Hidden states of a wav2vec2-family model, pooled per item or frame by frame.
 
@@ -80,18 +111,52 @@ class SelfSupervisedExtractor(Extractor):
         storage_dtype: str = "float32",
     ) -> None:
         super().__init__(name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
-        self.pooling = _checked_pooling(pooling)  # before the (slow) model load
-        self.model_id = model
-        self.revision = revision
-        feature_extractor, network, folder = _load(model, revision)
-        self._setup(network, feature_extractor, layers, sample_rate)
-        self._plan_chunks(max_chunk_s, overlap_s, chunk_batch)
-        self._provenance.update(hub_provenance("ssl", model, revision, network, folder))
+        self.model_id, self.revision = model, revision
+        self._describe(layers, pooling, max_chunk_s, overlap_s, chunk_batch)
+
+    def _describe(
+        self,
+        layers: list[int] | str,
+        pooling: str,
+        max_chunk_s: float | None,
+        overlap_s: float,
+        chunk_batch: int,
+    ) -> None:
+        """Check the options that need no model; :meth:`load` applies them to the model."""
+        self.pooling = _checked_pooling(pooling)
+        if layers != "all" and (
+            isinstance(layers, str) or not all(isinstance(x, int) for x in layers)
+        ):
+            raise UserError(f"extractor.layers must be a list of indices or 'all', got {layers!r}")
+        if max_chunk_s is not None and (max_chunk_s <= 0 or not 0 <= overlap_s < max_chunk_s):
+            raise UserError(
+                f"extractor.max_chunk_s={max_chunk_s} / overlap_s={overlap_s}: need "
+                "0 <= overlap_s < max_chunk_s"
+            )
+        self._requested = (layers, max_chunk_s, overlap_s, chunk_batch)
+        self._loaded = False
+
+    def load(self) -> None:
+        if self._loaded:
+            return
+        self._read_weights(self._requested[0])
+        self._plan_chunks(*self._requested[1:])
+        self._loaded = True
+
+    def _read_weights(self, layers: list[int] | str) -> None:
+        """Load the network and call :meth:`_setup` (each model family its own way)."""
+        feature_extractor, network, folder = _load(self.model_id, self.revision)
+        self._setup(network, feature_extractor, layers, self.sample_rate or 16000)
+        self._provenance.update(
+            hub_provenance("ssl", self.model_id, self.revision, network, folder)
+        )
 
     def _setup(
         self, network: Any, feature_extractor: Any, layers: list[int] | str, sample_rate: int
     ) -> None:
         """Read padding behaviour, layers and frame geometry from a loaded model."""
+        import torch
+
         self.network = network.eval()
         if getattr(feature_extractor, "sampling_rate", sample_rate) != sample_rate:
             raise UserError(
@@ -119,10 +184,11 @@ class SelfSupervisedExtractor(Extractor):
         rate = self.sample_rate or 16000
         self.chunk = max(1, round(max_chunk_s * rate / self.stride)) * self.stride
         self.overlap = round(overlap_s * rate / self.stride) * self.stride
-        if self.chunk < self.min_samples or not 0 <= self.overlap < self.chunk:
+        field = self._receptive_field()
+        if self.chunk < field or not 0 <= self.overlap < self.chunk:
             raise UserError(
                 f"extractor.max_chunk_s={max_chunk_s} / overlap_s={overlap_s}: need "
-                f"0 <= overlap < chunk and a chunk of at least {self.min_samples} samples"
+                f"0 <= overlap < chunk and a chunk of at least {field} samples"
             )
 
     @property
@@ -131,7 +197,11 @@ class SelfSupervisedExtractor(Extractor):
 
     @property
     def min_samples(self) -> int:
-        # The conv stack needs at least its receptive field for one frame.
+        self.load()
+        return self._receptive_field()
+
+    def _receptive_field(self) -> int:
+        """Samples the conv stack needs for one frame."""
         config = self.network.config
         field, jump = 1, 1
         for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
@@ -141,11 +211,13 @@ class SelfSupervisedExtractor(Extractor):
 
     @property
     def frame_shift_s(self) -> float:
+        self.load()
         return self._frame_shift
 
     @property
     def feature_groups(self) -> list[tuple[str, int]]:
         """One list column per layer (and statistic)."""
+        self.load()
         stats = {"none": [""], "mean": ["_mean"], "mean_std": ["_mean", "_std"]}[self.pooling]
         return [(f"layer_{layer}{stat}", self.dim) for layer in self.layers for stat in stats]
 
@@ -154,6 +226,7 @@ class SelfSupervisedExtractor(Extractor):
         return [f"{group}_{j}" for group, size in self.feature_groups for j in range(size)]
 
     def torch_module(self) -> torch.nn.Module:
+        self.load()
         return self.network
 
     def _pads(self, device: torch.device) -> bool:
@@ -163,12 +236,16 @@ class SelfSupervisedExtractor(Extractor):
         return self.use_mask and (device.type != "cpu" or self.pad_on_cpu)
 
     def padded_samples(self, lengths: torch.Tensor, device: torch.device) -> int:
+        self.load()
         if not self._pads(device):
             return 0
         short = lengths[lengths <= self.chunk] if self.chunk is not None else lengths
         return super().padded_samples(short, device)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
+        self.load()
         outputs: list[torch.Tensor | None] = [None] * len(lengths)
         # Rows longer than a chunk run alone, chunk by chunk; the rest run batched: padded
         # with a mask where that pays (see _pads), else in groups of equal length, unpadded.
@@ -193,6 +270,8 @@ class SelfSupervisedExtractor(Extractor):
 
     def _normalised(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Wav2Vec2FeatureExtractor's zero-mean unit-variance over each item's own samples."""
+        import torch
+
         x = x.float()
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
         if not self.normalize:
@@ -208,6 +287,8 @@ class SelfSupervisedExtractor(Extractor):
 
     def _hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per row, the selected layers' valid frames of an already normalised batch."""
+        import torch
+
         mask = None
         if self.use_mask:
             mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long()
@@ -221,6 +302,8 @@ class SelfSupervisedExtractor(Extractor):
         return [self._pool(per_layer) for per_layer in self._hidden(x, lengths)]
 
     def _pool(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         if self.pooling == "none":
             return torch.cat(per_layer, dim=-1)
         pooled = []
@@ -247,6 +330,8 @@ class SelfSupervisedExtractor(Extractor):
         """One long recording in overlapping chunks; each frame is taken from the chunk where
         it is furthest from an edge, so the stitched frames are the file's frame grid. Pools
         accumulate on the fly, so memory is bounded by the chunk batch, not the file."""
+        import torch
+
         n = signal.shape[0]
         total = torch.tensor([n], device=signal.device)
         # Normalise over the whole file, as the model's feature extractor does.
@@ -299,9 +384,19 @@ class SelfSupervisedExtractor(Extractor):
         return torch.cat(pooled).float()
 
     def provenance(self) -> dict[str, str]:
+        self.load()
         return dict(self._provenance)
 
 
+@dataclass
+class FairseqSslConfig(SslOutputConfig):
+    _target_: str = "audio_models.speech.ssl.FairseqCheckpointExtractor"
+    name: str = "hubert_fairseq"
+    checkpoint: str = MISSING  # path of a fairseq HuBERT / wav2vec 2.0 .pt file
+    sha256: str | None = None
+
+
+@register_extractor("hubert_fairseq", config=FairseqSslConfig)
 class FairseqCheckpointExtractor(SelfSupervisedExtractor):
     """A fairseq HuBERT / wav2vec 2.0 ``.pt`` checkpoint, converted to the transformers model
     of the same architecture (see :mod:`audio_models.speech.fairseq_checkpoint`); everything
@@ -327,18 +422,22 @@ class FairseqCheckpointExtractor(SelfSupervisedExtractor):
         chunk_batch: int = 4,
         storage_dtype: str = "float32",
     ) -> None:
+        Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
+        path = Path(checkpoint).expanduser()
+        self.model_id, self.revision = str(path), None
+        self.sha256 = sha256
+        self._describe(layers, pooling, max_chunk_s, overlap_s, chunk_batch)
+
+    def _read_weights(self, layers: list[int] | str) -> None:
         from types import SimpleNamespace
 
         from audio_models.speech.fairseq_checkpoint import load_fairseq_model
 
-        Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
-        self.pooling = _checked_pooling(pooling)  # before the (slow) model load
-        path = Path(checkpoint).expanduser()
-        self.model_id, self.revision = str(path), None
+        path = Path(self.model_id)
         digest = sha256_file(path) if path.is_file() else None
-        if sha256 is not None and digest != sha256.lower():
+        if self.sha256 is not None and digest != self.sha256.lower():
             raise UserError(
-                f"{path}: sha256 {digest} does not match extractor.sha256={sha256}; "
+                f"{path}: sha256 {digest} does not match extractor.sha256={self.sha256}; "
                 "refusing an unverified checkpoint"
             )
         network, described = load_fairseq_model(path)
@@ -346,8 +445,7 @@ class FairseqCheckpointExtractor(SelfSupervisedExtractor):
         settings = SimpleNamespace(
             sampling_rate=described.sample_rate, do_normalize=described.normalize
         )
-        self._setup(network, settings, layers, sample_rate)
-        self._plan_chunks(max_chunk_s, overlap_s, chunk_batch)
+        self._setup(network, settings, layers, self.sample_rate or 16000)
         self._provenance.update(
             {
                 "ssl.checkpoint": str(path),

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from audio_models.extractor import Extractor, Output, OutputKind, Placement
+from audio_models.registry import register_extractor
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
 
@@ -87,6 +88,22 @@ class SpeechSpan:
     confidence: float  # mean speech probability of the windows before padding
 
 
+@dataclass
+class VadConfig:
+    """Silero VAD (faster-whisper's bundled ONNX model); defaults are faster-whisper's
+    ``VadOptions`` (its ``*_ms`` options here in seconds)."""
+
+    _target_: str = "audio_models.speech.vad.SileroVadExtractor"
+    name: str = "vad"
+    threshold: float = 0.5  # a window at or above this probability starts speech
+    neg_threshold: float | None = None  # below this speech ends; None: max(threshold-0.15, 0.01)
+    min_speech_s: float = 0.0  # shorter segments are dropped
+    min_silence_s: float = 2.0  # silence this long ends a segment
+    speech_pad_s: float = 0.4  # added on each side of a segment
+    max_speech_s: float | None = None  # longer segments are split; None: no limit
+
+
+@register_extractor("vad", config=VadConfig)
 class SileroVadExtractor(Extractor):
     """Silero VAD speech segments and their summary per item.
 

@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from audio_models.extractor import Extractor, OutputKind, Placement, Segment, Transcript, Word
+from audio_models.registry import register_extractor
 from audio_models.speech.hub import hub_offline, weights_sha256
 from audio_models.utils.errors import UserError
 from audio_models.utils.paths import default_cache_dir
 from audio_models.utils.provenance import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,7 @@ def _align_model_name(language: str, align_model: str | None) -> str:
 
 def _check_torchaudio_bundle(name: str, model_dir: str | None) -> None:
     """A torchaudio bundle downloads its weights on first use: say so clearly when offline."""
+    import torch
     import torchaudio
 
     bundle = torchaudio.pipelines.__dict__[name]
@@ -179,6 +184,35 @@ def _check_torchaudio_bundle(name: str, model_dir: str | None) -> None:
         )
 
 
+@dataclass
+class WhisperXConfig:
+    _target_: str = "audio_models.speech.whisper.WhisperXExtractor"
+    name: str = "whisperx"
+    model: str = "small"  # size name, CTranslate2 hub id, or local CTranslate2 directory
+    revision: str | None = None
+    compute_type: str = "default"  # default: float16 on CUDA, float32 on CPU
+    batch_size: int = 16  # VAD chunks per batched decode, across the files of a loader batch
+    language: str | None = None  # None: detected per file
+    beam_size: int = 5
+    max_new_tokens: int | None = None
+    vad_method: str = "pyannote"  # pyannote (bundled, offline) | silero (downloads)
+    vad_onset: float = 0.5
+    vad_offset: float = 0.363
+    chunk_size: int = 30
+    align: bool = True
+    align_model: str | None = None  # None: whisperX's default for the language
+    align_model_dir: str | None = None
+    interpolate_method: str = "nearest"
+    diarize: bool = False
+    diarize_model: str = "pyannote/speaker-diarization-community-1"
+    hf_token_env: str = "HF_TOKEN"  # the token is read from this variable, never logged
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+    download_root: str | None = None
+    sample_rate: int = 16000
+
+
+@register_extractor("whisperx", config=WhisperXConfig)
 class WhisperXExtractor(Extractor):
     """whisperX transcripts with segments, word times and (optionally) speakers.
 
@@ -264,23 +298,7 @@ class WhisperXExtractor(Extractor):
                     f"environment variable {hf_token_env} (accept the model's terms on the hub, "
                     f"then export {hf_token_env}=hf_…); it is read from there and never logged"
                 )
-        self.folder = _whisper_folder(model, revision, download_root)
-        english = language is None and english_only(model, self.folder)
-        if language not in (None, "en") and english_only(model, self.folder):
-            raise UserError(
-                f"extractor.model={model!r} is an English-only Whisper model: set "
-                f"extractor.language=en (or null), not {language!r}, or use a multilingual model"
-            )
-        if english:
-            # whisperX's per-file language detection refuses English-only models (every item
-            # would fail after the model loaded); faster-whisper's own transcribe takes such a
-            # model as English, and so does this run, saying so.
-            language = "en"
-            log.warning(
-                "extractor.model=%r is an English-only Whisper model: extractor.language=null "
-                "runs as English (language detection needs a multilingual model)",
-                model,
-            )
+        self.model_id, self.revision, self.download_root = model, revision, download_root
         self.compute_type = compute_type
         self.batch_size = batch_size
         self.language = language
@@ -300,28 +318,55 @@ class WhisperXExtractor(Extractor):
         self._pipeline: Any = None
         self._tokenizers: dict[str, Any] = {}
         self._diarizer: Any = None
-        self._device = torch.device("cpu")
+        self._device: torch.device | None = None
+        self.folder: Path | None = None
+
+    def load(self) -> None:
+        """Find the CTranslate2 model (downloading it unless offline), check its language
+        against the settings, and load the alignment model on the CPU, so a missing one
+        stops the run before any work. The Whisper model itself loads in :meth:`on_device`."""
+        if self.folder is not None:
+            return
+        model, language = self.model_id, self.language
+        folder = _whisper_folder(model, self.revision, self.download_root)
+        english = language is None and english_only(model, folder)
+        if language not in (None, "en") and english_only(model, folder):
+            raise UserError(
+                f"extractor.model={model!r} is an English-only Whisper model: set "
+                f"extractor.language=en (or null), not {language!r}, or use a multilingual model"
+            )
+        if english:
+            # whisperX's per-file language detection refuses English-only models (every item
+            # would fail after the model loaded); faster-whisper's own transcribe takes such a
+            # model as English, and so does this run, saying so.
+            language = self.language = "en"
+            log.warning(
+                "extractor.model=%r is an English-only Whisper model: extractor.language=null "
+                "runs as English (language detection needs a multilingual model)",
+                model,
+            )
         self._provenance = {
             "whisperx.model": model,
-            "whisperx.model_dir": str(self.folder),
-            "whisperx.model_sha256": sha256_file(self.folder / "model.bin"),
-            "whisperx.vad": vad_method,
+            "whisperx.model_dir": str(folder),
+            "whisperx.model_sha256": sha256_file(folder / "model.bin"),
+            "whisperx.vad": self.vad_method,
         }
         if english:
             # Only then: the tag (part of the settings hash) of every other run stays as it was.
             self._provenance["whisperx.language"] = "en (English-only model, language=null)"
-        if vad_method == "pyannote":
+        if self.vad_method == "pyannote":
             import whisperx
 
             bundled = Path(whisperx.__file__).parent / "assets" / "pytorch_model.bin"
             self._provenance["whisperx.vad_sha256"] = sha256_file(bundled)
-        if align and language is not None:
+        if self.align and language is not None:
             # Load (on the CPU) now: a missing alignment model stops the run before any work.
             self._aligner(language)
-        if align:
+        if self.align:
             # punkt_tab is installed for all its languages or for none: one check tells which
             # splitter every language of the run gets.
             self._provenance["whisperx.sentence_splitter"] = ensure_punkt(language or "en")
+        self.folder = folder
 
     @property
     def feature_names(self) -> list[str]:
@@ -333,6 +378,7 @@ class WhisperXExtractor(Extractor):
         return 400  # 25 ms: the shortest input the VAD and the aligner take
 
     def provenance(self) -> dict[str, str]:
+        self.load()
         return dict(self._provenance)
 
     # -- models on the device ---------------------------------------------------------------
@@ -340,6 +386,7 @@ class WhisperXExtractor(Extractor):
         """Load the Whisper model (and diarization pipeline) on ``device``; move aligners."""
         import whisperx
 
+        self.load()
         self._device = device
         index = device.index or 0
         self._pipeline = whisperx.load_model(
@@ -393,7 +440,10 @@ class WhisperXExtractor(Extractor):
                 )
         try:
             model, metadata = whisperx.load_align_model(
-                language, str(self._device), model_name=name, model_dir=self.align_model_dir
+                language,
+                str(self._device or "cpu"),
+                model_name=name,
+                model_dir=self.align_model_dir,
             )
         except Exception as exc:
             # A download that failed (urlopen error …) needs the same way out as offline.
@@ -437,8 +487,10 @@ class WhisperXExtractor(Extractor):
 
     def transcribe_batch(self, signals: list[np.ndarray]) -> list[Transcript]:
         """16 kHz mono signals through whisperX's steps, the chunks of all files batched."""
+        import torch
+
         if self._pipeline is None:
-            self.on_device(self._device)
+            self.on_device(self._device or torch.device("cpu"))
         pipeline = self._pipeline
         chunks = [self._vad_chunks(audio) for audio in signals]
         # Detected per file, as transcribe does (a file without speech gets none).
@@ -496,7 +548,7 @@ class WhisperXExtractor(Extractor):
                 model,
                 metadata,
                 audio,
-                str(self._device),
+                str(self._device or "cpu"),
                 interpolate_method=self.interpolate_method,
             )
         if self._diarizer is not None and result["segments"]:

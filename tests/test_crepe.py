@@ -17,8 +17,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from audio_models.audio.crepe import CrepeExtractor
-from audio_models.extractor import OutputKind
+from audio_models.audio.crepe import SUMMARY_FEATURES, CrepeExtractor
+from audio_models.extractor import Output, OutputKind
 from audio_models.testing import loaded
 from audio_models.utils.errors import UserError
 from runners.extract import extract
@@ -85,6 +85,14 @@ def assert_equals_reference(frames: np.ndarray, signal: np.ndarray, decoder: str
     np.testing.assert_array_equal(frames[:, 2], (frames[:, 1] >= 0.21).astype(np.float32))
 
 
+def frames_of(out: object) -> np.ndarray:
+    """The frames of a frames extractor's result (an :class:`Output` whose ``extra`` holds
+    the item's ``pitch_summary`` row, with ``summary_table`` on: the default)."""
+    assert isinstance(out, Output) and set(out.extra) == {"pitch_summary"}
+    values = out.values
+    return values.numpy() if isinstance(values, torch.Tensor) else values
+
+
 def batch(signals: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([s.size for s in signals])
     waveforms = torch.zeros(len(signals), int(lengths.max()))
@@ -94,8 +102,8 @@ def batch(signals: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_known_f0_of_a_harmonic_tone(tiny: CrepeExtractor) -> None:
-    frames = tiny.process_signal(harmonic(220.0, 1.0), RATE)
-    assert isinstance(frames, np.ndarray) and frames.shape == (101, 3)
+    frames = frames_of(tiny.process_signal(harmonic(220.0, 1.0), RATE))
+    assert frames.shape == (101, 3)
     voiced = frames[:, 2] > 0
     assert voiced.mean() > 0.9
     # Viterbi F0 is a bin centre: within half a bin (10 cents) of the true pitch.
@@ -109,8 +117,7 @@ def test_frames_equal_torchcrepe_predict(no_dither: None, decoder: str) -> None:
     t = np.arange(RATE) / RATE
     glide = 0.4 * np.sin(2 * np.pi * (150 * t + 75 * t**2)).astype(np.float32)
     signal = np.concatenate([np.zeros(2000, np.float32), glide])
-    frames = extractor.process_signal(signal, RATE)
-    assert isinstance(frames, np.ndarray)
+    frames = frames_of(extractor.process_signal(signal, RATE))
     assert_equals_reference(frames, signal, decoder)
 
 
@@ -127,11 +134,12 @@ def test_real_speech_batched_equals_torchcrepe_per_file(
         signals.append(signal)
     assert signals[0].size != signals[1].size
     outputs = tiny.forward(*batch(signals))
-    for signal, frames in zip(signals, outputs, strict=True):
-        assert_equals_reference(frames.numpy(), signal, "viterbi")
+    for signal, out in zip(signals, outputs, strict=True):
+        frames = frames_of(out)
+        assert_equals_reference(frames, signal, "viterbi")
         assert 0.3 < frames[:, 2].mean() < 0.95  # read speech: voiced and unvoiced stretches
         f0 = frames[frames[:, 2] > 0, 0]
-        assert 70.0 < float(f0.median()) < 300.0
+        assert 70.0 < float(np.median(f0)) < 300.0
 
 
 def test_batched_equals_one_by_one(tiny: CrepeExtractor) -> None:
@@ -144,10 +152,11 @@ def test_batched_equals_one_by_one(tiny: CrepeExtractor) -> None:
     ]
     chunked = loaded(CrepeExtractor(model="tiny", batch_frames=37))  # chunks straddle items
     together = chunked.forward(*batch(signals))
-    for signal, frames in zip(signals, together, strict=True):
-        alone = tiny.forward(*batch([signal]))[0]
+    for signal, out in zip(signals, together, strict=True):
+        alone = frames_of(tiny.forward(*batch([signal]))[0])
+        frames = frames_of(out)
         assert frames.shape == (1 + signal.size // HOP, 3)
-        torch.testing.assert_close(frames, alone, rtol=F0_RTOL, atol=PERIODICITY_ATOL)
+        np.testing.assert_allclose(frames, alone, rtol=F0_RTOL, atol=PERIODICITY_ATOL)
 
 
 def test_silence_is_unvoiced_and_its_summary_has_no_f0() -> None:
@@ -167,13 +176,32 @@ def test_silence_is_unvoiced_and_its_summary_has_no_f0() -> None:
 
 def test_summary_is_the_statistics_of_the_voiced_frames(tiny: CrepeExtractor) -> None:
     signal = np.concatenate([np.zeros(4000, np.float32), harmonic(200.0, 0.6)])
-    frames = tiny.process_signal(signal, RATE)
+    out = tiny.process_signal(signal, RATE)
+    frames = frames_of(out)
     values = loaded(CrepeExtractor(model="tiny", pooling="summary")).process_signal(signal, RATE)
-    assert isinstance(frames, np.ndarray) and isinstance(values, np.ndarray)
+    assert isinstance(values, np.ndarray)
     f0 = frames[frames[:, 2] > 0, 0].astype(np.float64)
     expected = [f0.mean(), f0.std(), *np.percentile(f0, [10, 50, 90]), frames[:, 2].mean()]
     np.testing.assert_allclose(values, expected, rtol=1e-6)
     assert 0.5 < values[-1] < 0.8  # the leading quarter second is silent
+    # The frames' own summary row (the side table's) is that vector, value for value.
+    row = out.extra["pitch_summary"]
+    assert list(row) == SUMMARY_FEATURES and all(len(v) == 1 for v in row.values())
+    np.testing.assert_array_equal(np.array([row[k][0] for k in SUMMARY_FEATURES]), values)
+
+
+def test_the_summary_table_is_declared_only_beside_frames(tiny: CrepeExtractor) -> None:
+    (schema,) = tiny.side_tables.values()
+    assert list(tiny.side_tables) == ["pitch_summary"]
+    assert schema.names == ["id", *SUMMARY_FEATURES]
+    assert all(str(schema.field(k).type) == "float" for k in SUMMARY_FEATURES)  # float32
+    assert CrepeExtractor(model="tiny", pooling="summary").side_tables == {}
+    plain = loaded(CrepeExtractor(model="tiny", summary_table=False))
+    assert plain.side_tables == {}
+    signal = harmonic(220.0, 0.3)
+    frames = plain.process_signal(signal, RATE)
+    assert isinstance(frames, np.ndarray)
+    np.testing.assert_array_equal(frames, frames_of(tiny.process_signal(signal, RATE)))
 
 
 def test_options_are_checked_before_the_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,6 +219,7 @@ def test_options_are_checked_before_the_weights_load(monkeypatch: pytest.MonkeyP
         {"hop_s": 0.01003},
         {"voicing_threshold": 1.5},
         {"batch_frames": 0},
+        {"summary_table": "yes"},
         {"sample_rate": 8000},
     ):
         with pytest.raises(UserError):
@@ -232,8 +261,7 @@ def test_runner_writes_frames_and_summaries(
     for item_id, row in table.iterrows():
         own = frames[frames["id"] == item_id]
         assert len(own) == row["n_frames"]
-        expected = tiny.process_file(str(root / item_id))
-        assert isinstance(expected, np.ndarray)
+        expected = frames_of(tiny.process_file(str(root / item_id)))
         np.testing.assert_allclose(
             own[["f0_hz", "periodicity", "voiced"]].to_numpy(), expected, rtol=1e-6, atol=1e-6
         )
@@ -245,3 +273,128 @@ def test_runner_writes_frames_and_summaries(
     assert np.isnan(summary.loc["silence.wav", "f0_p50"])
     assert cents(summary.loc["tone.wav", "f0_p50"], 220.0) < 10.0
     assert cents(summary.loc["tone22k.wav", "f0_p50"], 160.0) < 10.0
+
+
+SPEECH_FILES = ["spk1_snt1.wav", "spk1_snt4.wav", "spk2_snt2.wav", "spk2_snt5.wav"]
+
+
+def speech_corpus(speech_dir: Path, root: Path, names: list[str]) -> Path:
+    """A folder of the shared Harvard sentences ``names`` (links) and half a second of silence
+    (its summary has NaN statistics)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / name).symlink_to(speech_dir / "harvard" / name)
+    sf.write(root / "silence.wav", np.zeros(RATE // 2, np.float32), RATE)
+    return root
+
+
+def test_frames_run_writes_the_summary_beside_the_frames(
+    make_cfg: Callable[..., object], tmp_path: Path, speech_dir: Path
+) -> None:
+    import audio_models as am
+
+    root = speech_corpus(speech_dir, tmp_path / "corpus", SPEECH_FILES)
+    ids = sorted([*SPEECH_FILES, "silence.wav"])
+    common = ["extractor=crepe", "extractor.model=tiny", "dataset=folder", f"dataset.root={root}"]
+    frames_run = extract(make_cfg(*common, out="frames")).output_dir
+    summary_run = extract(make_cfg(*common, "extractor.pooling=summary", out="summary")).output_dir
+    assert not (summary_run / "pitch_summary.parquet").exists()
+
+    table = pd.read_parquet(frames_run / "pitch_summary.parquet")
+    assert table.columns.tolist() == ["id", *SUMMARY_FEATURES]
+    assert sorted(table["id"]) == ids  # one row per item
+    assert sorted(pd.read_parquet(frames_run / "features.parquet")["id"]) == ids
+    table = table.set_index("id")
+    vectors = pd.read_parquet(summary_run / "features.parquet").set_index("id")[SUMMARY_FEATURES]
+    assert (table.dtypes == np.float32).all() and (vectors.dtypes == np.float32).all()
+    frames = frames_by_id(frames_run)
+    for item_id in ids:
+        row = table.loc[item_id].to_numpy()
+        # Exactly the pooling=summary run's vector (NaN where that has NaN) ...
+        np.testing.assert_array_equal(row, vectors.loc[item_id].to_numpy())
+        # ... and CrepeExtractor.summary of the frames the same run wrote.
+        own = frames[frames["id"] == item_id]
+        f0 = torch.tensor(own["f0_hz"].to_numpy())
+        voiced = torch.tensor(own["voiced"].to_numpy())
+        np.testing.assert_array_equal(row, CrepeExtractor.summary(f0, voiced).float().numpy())
+        stats = dict(zip(SUMMARY_FEATURES, row.tolist(), strict=True))
+        if item_id == "silence.wav":
+            assert stats["voiced_ratio"] == 0.0 and math.isnan(stats["f0_p50"])
+        else:  # read speech: voiced and unvoiced stretches, a speaking voice's F0
+            assert 0.3 < stats["voiced_ratio"] < 0.95 and 70.0 < stats["f0_p50"] < 300.0
+
+    run = am.load(frames_run)
+    assert run.tables == ["pitch_summary"] and am.load(summary_run).tables == []
+    pd.testing.assert_frame_equal(run.table("pitch_summary").set_index("id"), table)
+    with pytest.raises(UserError, match=r"no segments\.parquet"):
+        run.table("segments")
+    # From Python: the frames, and the summary rows as records beside them.
+    names = ["spk1_snt1.wav", "silence.wav"]
+    df = am.extract([str(root / n) for n in names], "crepe", model="tiny", num_workers=0)
+    n_frames = run.items.set_index("id").loc[names, "n_frames"]
+    assert df.index.names[-1] == "frame" and len(df) == n_frames.sum()
+    summary = pd.DataFrame(df.attrs["pitch_summary"])
+    assert summary.columns.tolist() == ["id", *SUMMARY_FEATURES]
+    summary["id"] = summary["id"].map(lambda i: Path(i).name)
+    # Records hold Python floats: the float32 values, exactly.
+    pd.testing.assert_frame_equal(
+        summary.set_index("id").loc[names], table.loc[names].astype(np.float64)
+    )
+
+
+def test_an_interrupted_frames_run_resumes_with_one_summary_row_per_item(
+    make_cfg: Callable[..., object],
+    tmp_path: Path,
+    speech_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from audio_models.pipeline.store import OutputStore
+
+    root = speech_corpus(speech_dir, tmp_path / "corpus", SPEECH_FILES)
+    common = [
+        "extractor=crepe",
+        "extractor.model=tiny",
+        "dataset=folder",
+        f"dataset.root={root}",
+        "loader.batch_size=1",
+        "writer.commit_every_s=0",  # a commit per item
+    ]
+    whole = extract(make_cfg(*common, out="whole")).output_dir
+    expected = pd.read_parquet(whole / "pitch_summary.parquet").set_index("id").sort_index()
+
+    # From the third commit on the run dies after the frames and summary rows are written,
+    # before the part that commits them (a kill at that moment, or a full disk).
+    commit = OutputStore.commit
+    calls: list[int] = []
+
+    def dies(self, seq, part, failures, frames, tables=None):  # type: ignore[no-untyped-def]
+        calls.append(seq)
+        if len(calls) < 3:
+            return commit(self, seq, part, failures, frames, tables)
+        commit(self, seq, None, None, frames, tables)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(OutputStore, "commit", dies)
+    with pytest.raises(OSError, match="disk full"):
+        extract(make_cfg(*common, out="resumed"))
+    monkeypatch.setattr(OutputStore, "commit", commit)
+    progress = tmp_path / "resumed" / ".progress"
+    assert len(list(progress.glob("part-*.parquet"))) == 2
+    assert len(list(progress.glob("pitch_summary-*.parquet"))) > 2  # rows never committed
+
+    result = extract(make_cfg(*common, out="resumed"))
+    assert result.metrics["n_skipped_resumed"] == 2
+    out = result.output_dir
+    table = pd.read_parquet(out / "pitch_summary.parquet").set_index("id").sort_index()
+    features = pd.read_parquet(out / "features.parquet")
+    assert features["id"].is_unique and sorted(features["id"]) == table.index.tolist()
+    pd.testing.assert_frame_equal(table, expected)
+
+    # A grown corpus joins the finished run: its rows kept, the new item's added.
+    (root / "spk2_snt1.wav").symlink_to(speech_dir / "harvard" / "spk2_snt1.wav")
+    grown = extract(make_cfg(*common, out="resumed"))
+    assert grown.metrics["n_skipped_resumed"] == len(expected)
+    table = pd.read_parquet(out / "pitch_summary.parquet").set_index("id").sort_index()
+    assert table.index.tolist() == sorted([*expected.index, "spk2_snt1.wav"])
+    pd.testing.assert_frame_equal(table.loc[expected.index], expected)
+    assert sorted(pd.read_parquet(out / "features.parquet")["id"]) == table.index.tolist()

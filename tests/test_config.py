@@ -31,6 +31,7 @@ MODEL_EXTRACTORS = {  # each instantiated in its own test module (test_models, t
     "ser_dim",
     "audio_classifier",
     "vad",
+    "vad_pyannote",
     "ser",
     "xlsr",
     "wav2vec2",

@@ -1,5 +1,6 @@
 """extractor=vad: Silero VAD (the real pretrained model bundled in faster-whisper) against
-faster-whisper's own ``get_speech_timestamps``, and its outputs through the runner."""
+faster-whisper's own ``get_speech_timestamps``, and its outputs through the runner;
+extractor=vad_pyannote: whisperX's bundled pyannote model against whisperX's own VAD."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import soundfile as sf
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from audio_models.audio.io import decode
-from audio_models.speech.vad import SEGMENT_SCHEMA, SileroVadExtractor
+from audio_models.speech.vad import SEGMENT_SCHEMA, PyannoteVadExtractor, SileroVadExtractor
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 from tests.conftest import compose_extract
@@ -346,3 +347,257 @@ def test_features_per_detected_speech_segment(make_cfg, tmp_path: Path) -> None:
         segment_items(items, str(own))
     with pytest.raises(UserError, match="no segments table"):
         segment_items(items, str(tmp_path / "nowhere"))
+
+
+# -- extractor=vad_pyannote -------------------------------------------------------------------
+
+# Our options and whisperX's Binarize keywords: its defaults (chunk_size 30 s), short
+# segments cut, other thresholds with a minimum length, and gaps bridged (no maximum then).
+PYANNOTE_OPTIONS: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    ({}, {"max_duration": 30.0}),
+    ({"max_speech_s": 1.5}, {"max_duration": 1.5}),
+    (
+        {"onset": 0.7, "offset": 0.4, "min_speech_s": 0.3},
+        {"onset": 0.7, "offset": 0.4, "min_duration_on": 0.3, "max_duration": 30.0},
+    ),
+    (
+        {"min_silence_s": 0.3, "min_speech_s": 0.2, "max_speech_s": None},
+        {"min_duration_off": 0.3, "min_duration_on": 0.2},
+    ),
+]
+
+
+def _whisperx_binarize(scores: Any, options: dict[str, Any]) -> list[tuple[float, float]]:
+    """The speech regions whisperX's ``merge_chunks`` makes before merging them into chunks
+    (its ``Binarize``, onset 0.5 and offset 0.363 unless given)."""
+    from whisperx.vads.pyannote import Binarize
+
+    options = {"onset": 0.5, "offset": 0.363, **options}
+    return [(s.start, s.end) for s in Binarize(**options)(scores).get_timeline()]
+
+
+@pytest.fixture(scope="module")
+def pyannote() -> Any:
+    """The extractor, loaded once (reading the checkpoint and importing pyannote.audio)."""
+    extractor = PyannoteVadExtractor(window_batch=7)
+    extractor.load()
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def whisperx_vad() -> Any:
+    """whisperX's own pyannote VAD pipeline on the CPU (its telemetry off: no network)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYANNOTE_METRICS_ENABLED", "false")
+        from whisperx.vads.pyannote import load_vad_model
+
+        pipeline = load_vad_model("cpu")
+
+        def scores(signal: np.ndarray) -> Any:
+            import torch
+
+            return pipeline({"waveform": torch.from_numpy(signal)[None], "sample_rate": SR})
+
+        yield scores
+
+
+def _speech_signals(speech_dir: Path) -> dict[str, np.ndarray]:
+    """Every recording at 16 kHz, and the Harvard sentences one after another (0.5 s of
+    silence after each: a signal of many windows, long enough to split)."""
+    files = sorted(speech_dir.glob("**/*.wav"))
+    assert files
+    signals = {
+        str(p.relative_to(speech_dir)): decode(str(p), target_sample_rate=SR).signal for p in files
+    }
+    harvard = [s for name, s in signals.items() if name.startswith("harvard/")]
+    pause = np.zeros(SR // 2, dtype=np.float32)
+    signals["harvard-joined"] = np.concatenate([np.concatenate([s, pause]) for s in harvard])
+    return signals
+
+
+def _padded(signals: list[np.ndarray]) -> tuple[Any, Any]:
+    import torch
+
+    lengths = torch.tensor([s.size for s in signals])
+    batch = torch.zeros(len(signals), int(lengths.max()))
+    for row, signal in enumerate(signals):
+        batch[row, : signal.size] = torch.from_numpy(signal)
+    return batch, lengths
+
+
+def test_pyannote_equals_whisperx_on_real_speech(
+    speech_dir: Path, pyannote: PyannoteVadExtractor, whisperx_vad: Any
+) -> None:
+    """All recordings in one batch (their windows 7 to a forward, so forwards straddle
+    items): the frame scores equal whisperX's pipeline's to float32 rounding, and the
+    segments, for each set of options, equal whisperX's binarizer's on whisperX's scores."""
+    signals = _speech_signals(speech_dir)
+    windows = pyannote.window_scores(*_padded(list(signals.values())))
+    totals = dict.fromkeys(range(len(PYANNOTE_OPTIONS)), 0)
+    for (name, signal), own in zip(signals.items(), windows, strict=True):
+        reference = whisperx_vad(signal)
+        scores, times = pyannote.frame_scores(own, signal.size)
+        frames = reference.sliding_window
+        assert times.tolist() == [frames[i].middle for i in range(len(reference))], name
+        np.testing.assert_allclose(scores, reference.data[:, 0], rtol=0, atol=1e-6, err_msg=name)
+        for k, (ours, theirs) in enumerate(PYANNOTE_OPTIONS):
+            extractor = PyannoteVadExtractor(**ours)
+            spans = extractor.spans(scores, times)
+            found = [(times[s.first], times[s.last]) for s in spans]
+            assert found == _whisperx_binarize(reference, theirs), (name, ours)
+            totals[k] += len(found)
+            if not ours:  # whisperX's defaults: every recording holds speech
+                assert found, name
+    # The 30-s default splits nothing here, 1.5 s splits the sentences.
+    assert totals[1] > totals[0] >= len(signals)
+    # The sentences are spoken nearly throughout: the segments cover most of each.
+    joined = signals["harvard-joined"]
+    found = pyannote._segments(windows[-1], joined.size)  # whisperX's defaults
+    speech = sum(end - start for start, end, _ in found)
+    assert 0.6 < speech / (joined.size / SR) < 1.0
+    assert all(0.363 < confidence <= 1.0 for _, _, confidence in found)
+
+
+def test_pyannote_batched_equals_one_by_one(
+    speech_dir: Path, pyannote: PyannoteVadExtractor
+) -> None:
+    import torch
+
+    signals = list(_speech_signals(speech_dir).values())
+    chosen = [signals[0], signals[-1], signals[-2]]  # 2 s, 28 s, 5.25 s: 1, 47 and 2 windows
+    batched = pyannote.forward(*_padded(chosen))
+    for signal, out in zip(chosen, batched, strict=True):
+        alone = pyannote.forward(torch.from_numpy(signal)[None], torch.tensor([signal.size]))[0]
+        assert out.extra == alone.extra
+        assert torch.equal(out.values, alone.values)
+        assert out.values[1] == len(out.extra["segments"]["start"]) > 0
+
+
+def test_pyannote_silence_and_noise_give_no_speech(
+    pyannote: PyannoteVadExtractor, whisperx_vad: Any
+) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(3 * SR) / SR
+    for name, signal in {
+        "silence": np.zeros(3 * SR),
+        "white noise": 0.3 * rng.standard_normal(3 * SR),
+        "quiet noise": 1e-4 * rng.standard_normal(7 * SR),  # two windows
+        "tone": 0.5 * np.sin(2 * np.pi * 440 * t),
+    }.items():
+        signal = signal.astype(np.float32)
+        assert pyannote.segments(signal) == [], name
+        assert _whisperx_binarize(whisperx_vad(signal), {"max_duration": 30.0}) == [], name
+        out = pyannote.process_signal(signal, SR)
+        assert out.values.tolist() == [0.0, 0.0, 0.0]
+        assert out.extra["segments"]["start"] == []
+
+
+@pytest.mark.parametrize("options", PYANNOTE_OPTIONS, ids=range(len(PYANNOTE_OPTIONS)))
+def test_pyannote_binarize_equals_whisperx_on_made_up_scores(
+    options: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    """The binarizer alone (no model) on smoothed random scores that cross the thresholds
+    often: starting in speech or not, thresholds hit exactly, segments of one frame."""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    ours, theirs = options
+    extractor = PyannoteVadExtractor(**ours)
+    frames = SlidingWindow(start=0.0, duration=0.0619375, step=0.016875)
+    rng = np.random.default_rng(len(ours))
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        raw = np.convolve(rng.random(n + 8), np.ones(9) / 9, mode="valid")
+        scores = np.clip((raw - 0.5) * 4 + 0.5, 0, 1).astype(np.float32)
+        scores[rng.integers(0, n, size=3)] = np.float32(extractor.offset)
+        reference = SlidingWindowFeature(scores[:, None].copy(), frames)
+        starts = frames.start + np.arange(n) * frames.step
+        times = 0.5 * (starts + (starts + frames.duration))
+        found = [(times[s.first], times[s.last]) for s in extractor.spans(scores, times)]
+        assert found == _whisperx_binarize(reference, theirs), trial
+
+
+def test_pyannote_option_instantiates_and_describes_itself() -> None:
+    from hydra.utils import instantiate
+
+    from audio_models.speech.vad import PyannoteVadConfig
+
+    cfg = compose_extract(["extractor=vad_pyannote", "extractor.onset=0.6", "output_dir=x"])
+    extractor = instantiate(cfg.extractor)
+    assert isinstance(extractor, PyannoteVadExtractor) and extractor.name == "vad_pyannote"
+    assert extractor.onset == 0.6 and extractor._model is None  # nothing read yet
+    assert extractor.feature_names == ["speech_ratio", "n_segments", "speech_s"]
+    assert extractor.side_tables == {"segments": SEGMENT_SCHEMA}
+    assert extractor.sample_rate == SR
+    # whisperX's defaults: load_model's vad_onset/vad_offset/chunk_size.
+    defaults = PyannoteVadConfig()
+    assert (defaults.onset, defaults.offset, defaults.max_speech_s) == (0.5, 0.363, 30.0)
+    tags = extractor.provenance()
+    digest = hashlib.sha256(extractor.path.read_bytes()).hexdigest()
+    assert tags["vad.model_sha256"] == digest
+    assert tags["vad.model"] == "whisperx/assets/pytorch_model.bin"
+    assert tags["whisperx.version"] and tags["pyannote.audio.version"]
+
+
+def test_pyannote_weights_load_with_weights_only(
+    pyannote: PyannoteVadExtractor, tmp_path: Path
+) -> None:
+    """The weights equal those whisperX loads (with weights_only=False); the file is read by
+    torch's restricted unpickler, which refuses a checkpoint naming anything else."""
+    import torch
+    from whisperx.vads.pyannote import load_vad_model
+
+    from audio_models.speech.vad import _Inert, read_pyannote_checkpoint
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYANNOTE_METRICS_ENABLED", "false")
+        theirs = load_vad_model("cpu")._segmentation.model.state_dict()
+    ours = pyannote.torch_module().state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    checkpoint = read_pyannote_checkpoint(pyannote.path)
+    assert isinstance(checkpoint["pyannote.audio"]["specifications"], _Inert)
+    hostile = tmp_path / "hostile.bin"
+    torch.save({"state_dict": {}, "run": print}, hostile)  # a callable: code a pickle could run
+    with pytest.raises(pickle.UnpicklingError):
+        read_pyannote_checkpoint(hostile)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"onset": 1.0}, "onset"),
+        ({"offset": 0.6}, "offset"),
+        ({"min_speech_s": -1.0}, "min_speech_s"),
+        ({"min_silence_s": 0.1}, "max_speech_s=null"),
+        ({"max_speech_s": 0.0}, "max_speech_s"),
+        ({"window_batch": 0}, "window_batch"),
+    ],
+)
+def test_pyannote_bad_options_are_user_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        PyannoteVadExtractor(**kwargs)
+
+
+def test_pyannote_runner_writes_summary_and_offset_segments(make_cfg, tmp_path: Path) -> None:
+    manifest, signal = _manifest(tmp_path / "data")
+    overrides = ["extractor=vad_pyannote", "dataset=manifest", f"dataset.path={manifest}"]
+    result = extract(make_cfg(*overrides, "dataset.id_column=id", "extractor.max_speech_s=2"))
+    out = result.output_dir
+    features = pd.read_parquet(out / "features.parquet").set_index("id")
+    segments = pd.read_parquet(out / "segments.parquet")
+    assert pd.read_parquet(out / "failures.parquet").empty
+    assert segments.columns.tolist() == SEGMENT_SCHEMA.names
+    assert result.tags["provenance.vad.model_sha256"]
+    extractor = PyannoteVadExtractor(max_speech_s=2.0)
+    for item_id, offset in (("whole", 0.0), ("part", 1.5)):
+        found = extractor.segments(signal[int(offset * SR) :])
+        rows = segments[segments["id"] == item_id].sort_values("segment")
+        assert len(rows) == len(found) == features.loc[item_id, "n_segments"]
+        # Seconds from the recording's start: the segment's offset is added.
+        assert np.allclose(rows["start"], [offset + start for start, _, _ in found])
+        assert np.allclose(rows["end"], [offset + end for _, end, _ in found])
+        assert np.allclose(rows["confidence"], [c for _, _, c in found])
+        speech_s = float((rows["end"] - rows["start"]).sum())
+        assert features.loc[item_id, "speech_s"] == pytest.approx(speech_s, rel=1e-6)
+        duration = features.loc[item_id, "duration_s"]
+        assert features.loc[item_id, "speech_ratio"] == pytest.approx(speech_s / duration, 1e-6)

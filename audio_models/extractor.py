@@ -13,6 +13,7 @@ every extractor module, imports no torch at import time for the same reason.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -254,7 +255,14 @@ class Extractor:
         import torch
 
         module = self.torch_module()
-        device = next(module.parameters()).device if module is not None else torch.device("cpu")
+        # Parameters or, for modules with buffers only (Kaldi's filterbanks), buffers.
+        tensors = (
+            itertools.chain(module.parameters(), module.buffers())
+            if module is not None
+            else iter(())
+        )
+        first = next(tensors, None)
+        device = first.device if first is not None else torch.device("cpu")
         if getattr(self, "_signal_device", None) != device:
             self.on_device(device)
             self._signal_device = device

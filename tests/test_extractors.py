@@ -215,3 +215,22 @@ def test_reused_opensmile_instance_equals_a_fresh_one(feature_set: str, level: s
             ours = copy.transform(signal, rate)
             np.testing.assert_array_equal(ours.reshape(reference.shape), reference)
         assert sorted(copy._engines) == [16000, 22050, 44100]
+
+
+def test_fbank_process_signal_equals_forward() -> None:
+    """process_signal finds the device of a module with buffers only (Kaldi's filterbanks)."""
+    import audio_models as am
+
+    signal = voice(0.8, 140, 16000)
+    extractor = am.load_extractor("fbank")
+    alone = extractor.process_signal(signal, 16000)
+    x = torch.from_numpy(signal)[None] * 1.0
+    expected = extractor.forward(x, torch.tensor([signal.shape[0]]))[0].numpy()
+    np.testing.assert_array_equal(alone, expected)
+
+
+def test_opensmile_aliases_keep_their_canonical_provenance() -> None:
+    """GeMAPSv01a is openSMILE's alias of GeMAPS: the tags (and so the settings hash of
+    earlier outputs, which a resume checks) name the canonical set."""
+    extractor = OpenSmileExtractor(name="x", feature_set="GeMAPSv01a")
+    assert extractor.provenance()["opensmile.feature_set"] == "GeMAPS"

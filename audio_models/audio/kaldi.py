@@ -77,6 +77,16 @@ class KaldiExtractor(Extractor):
         num_ceps, num_mel_bins = opts["num_ceps"], opts["num_mel_bins"]
         if num_ceps is not None and not 1 <= num_ceps <= num_mel_bins:
             raise UserError("extractor.num_ceps must lie in [1, num_mel_bins]")
+        # torchaudio's get_mel_banks asserts these when load() builds the banks.
+        nyquist = sample_rate / 2
+        high = opts["high_freq"] if opts["high_freq"] > 0 else nyquist + opts["high_freq"]
+        if num_mel_bins <= 3:
+            raise UserError(f"extractor.num_mel_bins must be more than 3, got {num_mel_bins}")
+        if not 0.0 <= opts["low_freq"] < high <= nyquist:
+            raise UserError(
+                f"extractor.low_freq={opts['low_freq']} / high_freq={opts['high_freq']}: need "
+                f"0 <= low < high <= {nyquist:g} Hz (high <= 0: Nyquist plus high_freq)"
+            )
         if opts["window_type"] not in WINDOW_TYPES:
             raise UserError(
                 f"extractor.window_type must be one of {WINDOW_TYPES}: {opts['window_type']!r}"

@@ -187,8 +187,10 @@ class OpenSmileExtractor(Extractor):
         import opensmile
 
         return {
-            "opensmile.feature_set": self.feature_set,
-            "opensmile.feature_level": self.feature_level,
+            # The canonical names (GeMAPSv01a is an alias of GeMAPS): the settings hash and the
+            # tags of earlier runs used them.
+            "opensmile.feature_set": self._enums[0].name,
+            "opensmile.feature_level": self._enums[1].name,
             "opensmile.version": opensmile.__version__,
         }
 

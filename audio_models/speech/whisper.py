@@ -327,6 +327,8 @@ class WhisperXExtractor(Extractor):
         stops the run before any work. The Whisper model itself loads in :meth:`on_device`."""
         if self.folder is not None:
             return
+        # A retry after a failed load starts afresh: the aligners add their provenance tags.
+        self._aligners = {}
         model, language = self.model_id, self.language
         folder = _whisper_folder(model, self.revision, self.download_root)
         english = language is None and english_only(model, folder)
@@ -339,7 +341,7 @@ class WhisperXExtractor(Extractor):
             # whisperX's per-file language detection refuses English-only models (every item
             # would fail after the model loaded); faster-whisper's own transcribe takes such a
             # model as English, and so does this run, saying so.
-            language = self.language = "en"
+            language = "en"
             log.warning(
                 "extractor.model=%r is an English-only Whisper model: extractor.language=null "
                 "runs as English (language detection needs a multilingual model)",
@@ -366,7 +368,8 @@ class WhisperXExtractor(Extractor):
             # punkt_tab is installed for all its languages or for none: one check tells which
             # splitter every language of the run gets.
             self._provenance["whisperx.sentence_splitter"] = ensure_punkt(language or "en")
-        self.folder = folder
+        # Last: a load that failed half-way (say, a missing aligner) runs again in full.
+        self.language, self.folder = language, folder
 
     @property
     def feature_names(self) -> list[str]:

@@ -420,7 +420,7 @@ def read_pyannote_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents, read with ``torch.load(weights_only=True)``.
 
     whisperX loads this file through ``pyannote.audio.Model.from_pretrained``, which unpickles
-    it with ``weights_only=False`` (any code the pickle names would run). Here the restricted
+    it unrestricted (any code the pickle names would run). Here the restricted
     unpickler reads it: plain containers and tensors as they are, and the few classes the
     pickle names (:data:`_CHECKPOINT_CLASSES`) as :class:`_Inert` stand-ins, so nothing but
     data comes out of it. Anything else the file might name is refused by torch.

@@ -263,19 +263,23 @@ class HuggingFaceDataset(AudioDataset):
                 raise UserError(f"cannot load the saved dataset {where}: {exc}") from None
         else:
             try:
-                loaded = datasets.load_dataset(
-                    str(folder) if folder is not None else self.path,
-                    name=self.config_name,
-                    data_dir=self.data_dir,
-                    data_files=self.data_files,
-                    cache_dir=self.cache_dir,
-                )
+                loaded = datasets.load_dataset(**self._load_args(folder))
             except Exception as exc:
                 raise UserError(f"cannot load the dataset {where}: {exc}") from None
         split = self._pick(loaded, where)
         self._check_audio(split.features, where)
         self._split = split
         return split
+
+    def _load_args(self, folder: Path | None) -> dict[str, Any]:
+        """What ``load_dataset`` (listing) and ``load_dataset_builder`` (checking) both take."""
+        return {
+            "path": str(folder) if folder is not None else self.path,
+            "name": self.config_name,
+            "data_dir": self.data_dir,
+            "data_files": self.data_files,
+            "cache_dir": self.cache_dir,
+        }
 
     def check(self) -> None:
         """A saved dataset is opened (memory-mapped: cheap) and its split and audio column
@@ -290,13 +294,7 @@ class HuggingFaceDataset(AudioDataset):
         import datasets
 
         try:
-            builder = datasets.load_dataset_builder(
-                str(folder) if folder is not None else self.path,
-                name=self.config_name,
-                data_dir=self.data_dir,
-                data_files=self.data_files,
-                cache_dir=self.cache_dir,
-            )
+            builder = datasets.load_dataset_builder(**self._load_args(folder))
         except Exception as exc:
             raise UserError(f"cannot read the dataset {self.path!r}: {exc}") from None
         files = builder.config.data_files

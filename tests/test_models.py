@@ -110,6 +110,31 @@ def test_whisper_equals_the_encoder_on_each_file(whisper_dir: Path) -> None:
     assert extractor.feature_groups == [("layer_0_mean", 32), ("layer_2_mean", 32)]
 
 
+@pytest.mark.parametrize("layers", [[1], [0, 1], [2], [1, 2]])
+def test_whisper_runs_no_layer_above_the_deepest_requested(
+    whisper_dir: Path, layers: list[int]
+) -> None:
+    """The encoder stops at the deepest requested layer, which runs for the kept frames only,
+    and still equals the full model's hidden states (rows of two lengths in one batch)."""
+    extractor = _whisper(whisper_dir, layers=layers, pooling="none")
+    fe = WhisperFeatureExtractor.from_pretrained(whisper_dir)
+    encoder = WhisperModel.from_pretrained(whisper_dir).encoder.eval()
+    calls: list[int] = []
+    for index, layer in enumerate(extractor.network.layers, start=1):
+        layer.register_forward_hook(lambda *_, index=index: calls.append(index))
+    waveforms, lengths = _batch([12000, 4001])
+    with torch.inference_mode():
+        ours = extractor.forward(waveforms, lengths)
+        for row, n in enumerate(lengths.tolist()):
+            inputs = fe(waveforms[row, :n].numpy(), sampling_rate=16000, return_tensors="pt")
+            states = encoder(inputs.input_features, output_hidden_states=True).hidden_states
+            kept = math.ceil(n / 320)
+            expected = torch.cat([states[layer][0, :kept] for layer in layers], dim=1)
+            assert (ours[row] - expected).abs().max() <= 1e-5
+    # The deepest layer runs through its parts (not the hooked module call); none above it.
+    assert set(calls) == set(range(1, max(layers)))
+
+
 @pytest.mark.parametrize("pooling", ["mean_std", "none"])
 def test_whisper_batched_equals_one_by_one(whisper_dir: Path, pooling: str) -> None:
     """Rows shorter and longer than the (1 s) window in one batch: the long one in chunks."""

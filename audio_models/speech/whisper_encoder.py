@@ -166,7 +166,50 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
                 return_tensors="pt",
                 device=str(x.device),
             ).input_features.to(x.device)
-        out = self.network(features, output_hidden_states=True)
         frames = self._frame_counts(lengths.cpu()).tolist()
-        states = [out.hidden_states[layer] for layer in self.layers]
+        computed = self._encode(features, max(frames))
+        states = [computed[layer] for layer in self.layers]
         return [[s[row, :count].float() for s in states] for row, count in enumerate(frames)]
+
+    def _encode(self, features: torch.Tensor, keep: int) -> dict[int, torch.Tensor]:
+        """The requested hidden states as ``WhisperEncoder.forward(output_hidden_states=True)``
+        gives them, without the work nobody reads: no layer above the deepest requested one,
+        and that one for the first ``keep`` frames only. Its keys and values still cover the
+        whole window (the encoder attends to the padding), but its queries, attention output
+        and feed-forward skip the padding frames: a 10-s recording saves ~2/3 of a layer."""
+        import torch
+        from torch.nn import functional
+
+        encoder = self.network
+        hidden = functional.gelu(encoder.conv2(functional.gelu(encoder.conv1(features))))
+        positions = torch.arange(encoder.embed_positions.num_embeddings, device=hidden.device)
+        hidden = hidden.permute(0, 2, 1) + encoder.embed_positions(positions)
+        wanted, deepest = set(self.layers), max(self.layers)
+        states = {0: hidden} if 0 in wanted else {}
+        for index, layer in enumerate(encoder.layers[:deepest], start=1):
+            if index < deepest:
+                hidden = layer(hidden, None, layer_head_mask=None)[0]
+            else:
+                hidden = _first_frames(layer, hidden, keep)
+            if index == len(encoder.layers):
+                hidden = encoder.layer_norm(hidden)
+            if index in wanted:
+                states[index] = hidden
+        return states
+
+
+def _first_frames(layer: Any, hidden: torch.Tensor, keep: int) -> torch.Tensor:
+    """``WhisperEncoderLayer.forward`` (eval mode: its dropouts are identities) for the first
+    ``keep`` query frames, attending to all of ``hidden`` as the full layer does."""
+    import torch
+
+    normed = layer.self_attn_layer_norm(hidden)
+    # key_value_states: keys and values from the whole window, queries from the kept frames
+    # (no mask either way: Whisper's encoder has none).
+    attended = layer.self_attn(hidden_states=normed[:, :keep], key_value_states=normed)[0]
+    hidden = hidden[:, :keep] + attended
+    out = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+    if out.dtype == torch.float16:  # as the layer clamps half-precision overflow
+        limit = torch.finfo(out.dtype).max - 1000
+        out = torch.clamp(out, min=-limit, max=limit)
+    return out

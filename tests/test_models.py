@@ -117,6 +117,7 @@ def test_whisper_runs_no_layer_above_the_deepest_requested(
     """The encoder stops at the deepest requested layer, which runs for the kept frames only,
     and still equals the full model's hidden states (rows of two lengths in one batch)."""
     extractor = _whisper(whisper_dir, layers=layers, pooling="none")
+    extractor.pad_on_cpu = True  # one forward for both rows, as on a GPU
     fe = WhisperFeatureExtractor.from_pretrained(whisper_dir)
     encoder = WhisperModel.from_pretrained(whisper_dir).encoder.eval()
     calls: list[int] = []
@@ -136,9 +137,11 @@ def test_whisper_runs_no_layer_above_the_deepest_requested(
 
 
 @pytest.mark.parametrize("pooling", ["mean_std", "none"])
-def test_whisper_batched_equals_one_by_one(whisper_dir: Path, pooling: str) -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["one-forward", "cpu-rows-alone"])
+def test_whisper_batched_equals_one_by_one(whisper_dir: Path, pooling: str, shared: bool) -> None:
     """Rows shorter and longer than the (1 s) window in one batch: the long one in chunks."""
     extractor = _whisper(whisper_dir, layers="all", pooling=pooling)
+    extractor.pad_on_cpu = shared  # the GPU's shared forward, or the CPU's row by row
     waveforms, lengths = _batch([16000 * 3 + 77, 5000, 12000, 5000])
     with torch.inference_mode():
         batched = extractor.forward(waveforms, lengths)

@@ -9,8 +9,10 @@ frames that cover the recording are kept (pooled or written): the feature extrac
 ``(m - 1) // 2 + 1``: ``ceil(n / 320)`` frames of 20 ms at 16 kHz.
 
 Because every row is padded to the window anyway, rows of any length share a batch at no cost
-and with the numbers each gives alone. Recordings longer than the window run in overlapping
-chunks, stitched on the frame grid by :class:`SelfSupervisedExtractor`'s chunking.
+and with the numbers each gives alone (on accelerators; on a CPU rows run one by one).
+Recordings longer than the window run in overlapping chunks, stitched on the frame grid by
+:class:`SelfSupervisedExtractor`'s chunking. Only the layers up to the deepest requested one
+run, and that one only for the frames that are kept.
 """
 
 from __future__ import annotations
@@ -135,7 +137,11 @@ class WhisperEncoderExtractor(SelfSupervisedExtractor):
         return 1  # the feature extractor pads any recording to the window
 
     def _pads(self, device: torch.device) -> bool:
-        return True  # every row is padded to the window anyway: batching adds no work
+        """Rows share a forward on accelerators: every row is padded to the window anyway, so
+        batching adds no work there. On a CPU each row runs alone, as the SSL models' rows do:
+        the matmuls of one window are already large, a batch of windows only outgrows the
+        cache, and the deepest layer then runs for that row's own frames (see _encode)."""
+        return device.type != "cpu" or self.pad_on_cpu
 
     def padded_samples(self, lengths: torch.Tensor, device: torch.device) -> int:
         return 0  # the window padding is the model's own, the same batched or alone

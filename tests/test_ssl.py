@@ -11,11 +11,13 @@ import pytest
 import torch
 from transformers import (
     AutoModel,
+    HubertConfig,
     Wav2Vec2FeatureExtractor,
+    WavLMConfig,
 )
 
 from audio_models.speech.ssl import SelfSupervisedExtractor
-from audio_models.testing import FAMILIES, loaded, make_tiny
+from audio_models.testing import FAMILIES, TINY, loaded, make_tiny
 from audio_models.utils.errors import UserError
 from runners.extract import extract
 
@@ -67,6 +69,42 @@ def test_equals_transformers_on_each_file(tiny) -> None:
             states = model(**inputs, output_hidden_states=True).hidden_states
             expected = torch.cat([states[0][0].mean(0), states[-1][0].mean(0)])
             assert (ours[row] - expected).abs().max() <= 1e-5, family
+
+
+STABLE = {"hubert-layer": HubertConfig, "wavlm-layer": WavLMConfig}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(STABLE))
+def test_layers_above_the_deepest_requested_are_not_run(tmp_path: Path, family: str) -> None:
+    """The model keeps the layers up to the deepest requested hidden state only, and every
+    requested state still equals the full model's (a stable-layer-norm encoder's final norm
+    goes with its last layer: the full model gives a middle layer raw)."""
+    folder = tmp_path / family
+    if family in STABLE:
+        torch.manual_seed(0)
+        config = STABLE[family](**TINY, feat_extract_norm="layer", do_stable_layer_norm=True)
+        AutoModel.from_config(config).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(
+            folder
+        )
+    else:
+        make_tiny(folder, family)
+    model = AutoModel.from_pretrained(folder).eval()
+    waveforms, lengths = _batch([12000, 7000], seed=5)
+    for layers in ([0], [1], [2, 0], [1, 3]):
+        extractor = loaded(
+            SelfSupervisedExtractor(name="x", model=str(folder), layers=layers, pooling="none")
+        )
+        extractor.pad_on_cpu = True  # both rows in one forward where the model takes a mask
+        assert len(extractor.network.encoder.layers) == max(layers), (family, layers)
+        with torch.inference_mode():
+            ours = extractor.forward(waveforms, lengths)
+            for row, n in enumerate(lengths.tolist()):
+                signal = waveforms[row, :n]
+                signal = (signal - signal.mean()) / torch.sqrt(signal.var(unbiased=False) + 1e-7)
+                states = model(signal[None], output_hidden_states=True).hidden_states
+                expected = torch.cat([states[k][0] for k in layers], dim=1)
+                assert (ours[row] - expected).abs().max() <= 1e-5, (family, layers)
 
 
 def test_runner_writes_layer_columns(make_cfg, tmp_path: Path) -> None:

@@ -82,6 +82,46 @@ def test_saved_dataset_embeds_bytes_and_reads_labels(tmp_path: Path) -> None:
     assert dataset.fingerprint() == HuggingFaceDataset(path=str(saved), split="test").fingerprint()
 
 
+@pytest.mark.parametrize(
+    ("split", "rows"),
+    [("test[1:]", [1, 2]), ("test[:-1]", [0, 1]), ("test [34%:]", [1, 2]), ("test[2:9]", [2])],
+)
+def test_a_split_slice_reads_those_rows(tmp_path: Path, split: str, rows: list[int]) -> None:
+    """datasets' own slice syntax; the rows keep their ids (file names here)."""
+    files = _corpus(tmp_path / "corpus")
+    saved = _saved(files, tmp_path / "saved")
+    items = HuggingFaceDataset(path=str(saved), split=split).items
+    assert [i.id for i in items] == [files[r].name for r in rows]
+    assert [i.blob.read() for i in items] == [files[r].read_bytes() for r in rows]
+    assert [i.labels["speaker"] for i in items] == [["09", "007"][r % 2] for r in rows]
+
+
+def test_runner_reads_a_quoted_split_slice(make_cfg, tmp_path: Path) -> None:
+    files = _corpus(tmp_path / "corpus")
+    saved = _saved(files, tmp_path / "saved")
+    cfg = make_cfg(
+        "extractor=mfcc", "dataset=huggingface", f"dataset.path={saved}", "dataset.split='test[1:]'"
+    )
+    result = extract(cfg)
+    assert sorted(_items(result.output_dir).index.unique()) == ["b.flac", "c.ogg"]
+    assert result.metrics["n_items"] == 2
+
+
+def test_a_slice_of_rows_without_file_names_keeps_their_row_numbers(tmp_path: Path) -> None:
+    """Row-number ids count in the whole split: a slice's rows resume into a run of the
+    whole split as themselves, and two slices never share an id."""
+    files = _corpus(tmp_path / "corpus")
+    same_name = _dataset(files + files).map(lambda row: {"path": "x"})  # paths not unique
+    same_name = same_name.cast_column("audio", Audio(decode=False)).map(
+        lambda row: {"audio": {"bytes": Path(row["audio"]["path"]).read_bytes(), "path": None}}
+    )
+    whole = HuggingFaceDataset.from_dataset(same_name).items
+    assert [i.id for i in whole] == [str(n) for n in range(6)]
+    tail = HuggingFaceDataset.from_dataset(same_name, split="train[4:]").items
+    assert [i.id for i in tail] == ["4", "5"]
+    assert [i.blob.read() for i in tail] == [w.blob.read() for w in whole[4:]]
+
+
 def test_audiofolder_rows_are_files_with_folder_ids(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     _corpus(corpus / "angry")
@@ -111,6 +151,11 @@ def test_audiofolder_rows_are_files_with_folder_ids(tmp_path: Path) -> None:
         ({"path": "{saved}", "split": "test", "audio_column": "emotion"}, "not an Audio column"),
         ({"path": "{saved}", "split": "test", "label_columns": ["age"]}, r"\['age'\] are not"),
         ({"path": "{saved}", "split": "test", "id_column": "nope"}, "id_column='nope' is not"),
+        ({"path": "{saved}", "split": "test+train"}, "one split per run"),
+        ({"path": "{saved}", "split": "test[abc]"}, r"split='test\[abc\]': Unrecognized"),
+        ({"path": "{saved}", "split": "test[:2](up)"}, "rounding must be"),
+        ({"path": "{saved}", "split": "test[:2"}, "not a split name with an optional slice"),
+        ({"path": "{saved}", "split": "dev[:2]"}, r"split='dev' is not a split .*\['test'"),
     ],
 )
 def test_mistakes_are_one_line(tmp_path: Path, options: dict, message: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ TRANSCRIPT = "transcript"
 _TEXT = "text"
 # Feature types whose values are scalars (written as label columns); others are left out.
 _SCALAR_TYPES = ("bool", "int", "uint", "float", "double", "string", "large_string")
+# dataset.split: a name and an optional slice in datasets' own syntax (test[:100],
+# train[10%:20%], train[:10%](pct1_dropremainder)); the slice is read by datasets itself.
+_SPLIT = re.compile(r"(?P<name>[^\[\]+()]+?)\s*(?P<rows>\[[^\]]*\](?:\([^)]*\))?)?")
 
 
 @dataclass
@@ -41,7 +45,7 @@ class HuggingFaceDatasetConfig:
     _target_: str = "audio_models.data.hf.HuggingFaceDataset"
     name: str = "huggingface"
     path: str = MISSING  # a save_to_disk folder, a local data folder, or a builder (audiofolder)
-    split: str | None = None  # None: the only split there is
+    split: str | None = None  # None: the only split there is; test[:100], train[10%:20%]: rows
     audio_column: str = "audio"
     id_column: str | None = None  # None: the audio file's path where unique, else the row number
     label_columns: list[str] | None = None  # None: every scalar column but audio and id
@@ -147,7 +151,9 @@ class HuggingFaceDataset(AudioDataset):
             text_column=None if text_column is None else _output_name(text_column),
         )
         self.path = path
-        self.split = None if split is None else str(split)
+        self.split = None if split is None else str(split).strip()
+        self._split_name, self._rows = self._parse_split(self.split)
+        self._first_row = 0  # the row number of the slice's first row in its split
         self.audio_column = audio_column
         self.id_column = id_column
         self.wanted_labels = list(label_columns) if label_columns is not None else None
@@ -201,11 +207,49 @@ class HuggingFaceDataset(AudioDataset):
             "downloaded here: load_dataset(...).save_to_disk(folder) where there is a network"
         )
 
+    @staticmethod
+    def _parse_split(split: str | None) -> tuple[str | None, str | None]:
+        """``dataset.split`` as its split name and the slice after it (``None``: all rows).
+
+        Raises:
+            UserError: several splits joined (``train+test``) or not a name with a slice.
+        """
+        if split is None:
+            return None, None
+        if "+" in split:
+            raise UserError(
+                f"dataset.split={split!r}: one split per run (row ids would collide across "
+                "joined splits); a sweep over dataset.split runs each"
+            )
+        match = _SPLIT.fullmatch(split)
+        if match is None:
+            raise UserError(
+                f"dataset.split={split!r} is not a split name with an optional slice such as "
+                "test[:100] or train[10%:20%]"
+            )
+        return match["name"].strip(), match["rows"]
+
+    def _sliced(self, split: Any) -> Any:
+        """The rows ``dataset.split``'s slice names, counted by ``datasets`` itself."""
+        if self._rows is None:
+            return split
+        from datasets import ReadInstruction
+
+        try:
+            (part,) = ReadInstruction.from_spec(f"rows{self._rows}").to_absolute(
+                {"rows": len(split)}
+            )
+        except (ValueError, AssertionError) as exc:
+            raise UserError(f"dataset.split={self.split!r}: {exc}") from None
+        self._first_row = part.from_
+        return split.select(range(part.from_, part.to))
+
     def _choose(self, splits: list[str], where: str) -> str | None:
-        if self.split is not None:
-            if self.split not in splits:
-                raise UserError(f"dataset.split={self.split!r} is not a split of {where}: {splits}")
-            return self.split
+        name = self._split_name
+        if name is not None:
+            if name not in splits:
+                raise UserError(f"dataset.split={name!r} is not a split of {where}: {splits}")
+            return name
         if len(splits) > 1:
             raise UserError(f"{where} has splits {splits}: choose one with dataset.split=<name>")
         return splits[0] if splits else None
@@ -215,12 +259,12 @@ class HuggingFaceDataset(AudioDataset):
         from datasets import Dataset, DatasetDict
 
         if isinstance(loaded, DatasetDict):
-            return loaded[self._choose(list(loaded), where)]
+            return self._sliced(loaded[self._choose(list(loaded), where)])
         if isinstance(loaded, Dataset):
-            own = None if loaded.split is None else str(loaded.split)
-            if self.split is not None and own is not None and own != self.split:
-                raise UserError(f"dataset.split={self.split!r}: {where} holds split {own!r}")
-            return loaded
+            own, name = None if loaded.split is None else str(loaded.split), self._split_name
+            if name is not None and own is not None and own != name:
+                raise UserError(f"dataset.split={name!r}: {where} holds split {own!r}")
+            return self._sliced(loaded)
         raise UserError(
             f"{where} is a {type(loaded).__name__}; a Dataset or DatasetDict is read (not a "
             "streaming IterableDataset)"
@@ -389,7 +433,9 @@ class HuggingFaceDataset(AudioDataset):
                 raise UserError(f"dataset.id_column={self.id_column!r} has empty values")
             ids = [str(v) for v in raw]
         else:
-            ids = by_path if unique else [str(n) for n in range(len(paths))]  # type: ignore[misc]
+            # Row numbers count in the whole split, so a slice's ids are the rows' own.
+            first = self._first_row
+            ids = by_path if unique else [str(first + n) for n in range(len(paths))]  # type: ignore[misc]
         values = split.select_columns(labels).with_format("arrow")[:].to_pydict() if labels else {}
         for c in labels:
             if isinstance(features[c], ClassLabel):
@@ -397,7 +443,7 @@ class HuggingFaceDataset(AudioDataset):
                 values[c] = [None if v is None or v < 0 else names[v] for v in values[c]]
         items = []
         for row in range(len(paths)):
-            where = f"{self.path} row {row}"
+            where = f"{self.path} row {self._first_row + row}"
             row_labels = _check_labels(
                 {_output_name(c): _plain(values[c][row]) for c in labels}, where
             )

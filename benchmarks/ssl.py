@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=3, help="whisper_encoder: alternating passes, best counts"
     )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     # On a 2-core CPU one loader process leaves a core to the model; a GPU host feeds it with
     # more, so the loader never becomes the bottleneck.
     workers = 1 if args.device == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 2))

@@ -107,19 +107,36 @@ def test_runner_reads_a_quoted_split_slice(make_cfg, tmp_path: Path) -> None:
     assert result.metrics["n_items"] == 2
 
 
-def test_a_slice_of_rows_without_file_names_keeps_their_row_numbers(tmp_path: Path) -> None:
-    """Row-number ids count in the whole split: a slice's rows resume into a run of the
-    whole split as themselves, and two slices never share an id."""
+def test_slice_ids_are_decided_on_the_whole_split(tmp_path: Path) -> None:
+    """A slice's rows get the ids they have in the whole split, even where the slice alone
+    would have unique paths: two slices never share an id, and a slice resumes into a run
+    of the whole split as itself."""
     files = _corpus(tmp_path / "corpus")
-    same_name = _dataset(files + files).map(lambda row: {"path": "x"})  # paths not unique
-    same_name = same_name.cast_column("audio", Audio(decode=False)).map(
+    repeated = _dataset(files + files)  # each path twice: ids are row numbers
+    whole = HuggingFaceDataset.from_dataset(repeated).items
+    assert [i.id for i in whole] == [str(n) for n in range(6)]
+    for split, rows in (("train[:3]", [0, 1, 2]), ("train[3:]", [3, 4, 5])):
+        part = HuggingFaceDataset.from_dataset(repeated, split=split).items
+        assert [i.id for i in part] == [str(r) for r in rows]
+        assert [i.path for i in part] == [whole[r].path for r in rows]
+    embedded = repeated.cast_column("audio", Audio(decode=False)).map(
         lambda row: {"audio": {"bytes": Path(row["audio"]["path"]).read_bytes(), "path": None}}
     )
-    whole = HuggingFaceDataset.from_dataset(same_name).items
-    assert [i.id for i in whole] == [str(n) for n in range(6)]
-    tail = HuggingFaceDataset.from_dataset(same_name, split="train[4:]").items
+    tail = HuggingFaceDataset.from_dataset(embedded, split="train[4:]").items
     assert [i.id for i in tail] == ["4", "5"]
-    assert [i.blob.read() for i in tail] == [w.blob.read() for w in whole[4:]]
+    assert [i.blob.read() for i in tail] == [files[1].read_bytes(), files[2].read_bytes()]
+
+
+def test_a_dataset_loaded_as_a_slice_is_named_by_that_string(tmp_path: Path) -> None:
+    files = _corpus(tmp_path / "corpus")
+    sliced = Dataset.from_dict(_dataset(files).to_dict(), features=FEATURES, split="train[1:]")
+    items = HuggingFaceDataset.from_dataset(sliced, split="train[1:]").items
+    assert len(items) == 3  # already that slice: not sliced again
+    assert len(HuggingFaceDataset.from_dataset(sliced).items) == 3
+    with pytest.raises(
+        UserError, match=r"split='train': the dataset given holds split 'train\[1:\]'"
+    ):
+        _ = HuggingFaceDataset.from_dataset(sliced, split="train").items
 
 
 def test_audiofolder_rows_are_files_with_folder_ids(tmp_path: Path) -> None:
@@ -156,6 +173,8 @@ def test_audiofolder_rows_are_files_with_folder_ids(tmp_path: Path) -> None:
         ({"path": "{saved}", "split": "test[:2](up)"}, "rounding must be"),
         ({"path": "{saved}", "split": "test[:2"}, "not a split name with an optional slice"),
         ({"path": "{saved}", "split": "dev[:2]"}, r"split='dev' is not a split .*\['test'"),
+        ({"path": "{saved}", "split": "test[5:2]"}, r"'test\[5:2\]' selects none of the 3 rows"),
+        ({"path": "{saved}", "split": "test[:120%]"}, "Percent slice boundaries must be"),
     ],
 )
 def test_mistakes_are_one_line(tmp_path: Path, options: dict, message: str) -> None:

@@ -49,6 +49,16 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["loader.channel_policy=left"],
         "error: loader.channel_policy must be one of",
     ),
+    # Lightning's true half precision casts the waveforms too (it crashed on our batch).
+    "true half precision": (["device.precision=bf16-true"], "(use bf16-mixed or 16-mixed)"),
+    "split joining": (
+        ["dataset=huggingface", "dataset.path={corpus}", "dataset.split=train+test"],
+        "error: dataset.split='train+test': one split per run",
+    ),
+    "bad split slice": (
+        ["dataset=huggingface", "dataset.path={corpus}", "dataset.split='train[1:x]'"],
+        "error: dataset.split='train[1:x]': Unrecognized instruction format",
+    ),
 }
 
 

@@ -152,8 +152,8 @@ class HuggingFaceDataset(AudioDataset):
         )
         self.path = path
         self.split = None if split is None else str(split).strip()
-        self._split_name, self._rows = self._parse_split(self.split)
-        self._first_row = 0  # the row number of the slice's first row in its split
+        self._split_name, self._slice = self._parse_split(self.split)
+        self._rows: range | None = None  # the slice's rows of the opened split (None: all)
         self.audio_column = audio_column
         self.id_column = id_column
         self.wanted_labels = list(label_columns) if label_columns is not None else None
@@ -227,22 +227,29 @@ class HuggingFaceDataset(AudioDataset):
                 f"dataset.split={split!r} is not a split name with an optional slice such as "
                 "test[:100] or train[10%:20%]"
             )
+        if match["rows"] is not None:
+            from datasets import ReadInstruction
+
+            try:  # its syntax, rounding and percentages, before anything is prepared
+                ReadInstruction.from_spec(f"rows{match['rows']}")
+            except (ValueError, AssertionError) as exc:
+                raise UserError(f"dataset.split={split!r}: {exc}") from None
         return match["name"].strip(), match["rows"]
 
-    def _sliced(self, split: Any) -> Any:
-        """The rows ``dataset.split``'s slice names, counted by ``datasets`` itself."""
-        if self._rows is None:
-            return split
+    def _slice_rows(self, n_rows: int) -> range | None:
+        """The rows of an ``n_rows`` split that ``dataset.split``'s slice names, counted by
+        ``datasets`` itself (``None``: no slice)."""
+        if self._slice is None:
+            return None
         from datasets import ReadInstruction
 
         try:
-            (part,) = ReadInstruction.from_spec(f"rows{self._rows}").to_absolute(
-                {"rows": len(split)}
-            )
+            (part,) = ReadInstruction.from_spec(f"rows{self._slice}").to_absolute({"rows": n_rows})
         except (ValueError, AssertionError) as exc:
             raise UserError(f"dataset.split={self.split!r}: {exc}") from None
-        self._first_row = part.from_
-        return split.select(range(part.from_, part.to))
+        if part.to <= part.from_:
+            raise UserError(f"dataset.split={self.split!r} selects none of the {n_rows} rows")
+        return range(part.from_, part.to)
 
     def _choose(self, splits: list[str], where: str) -> str | None:
         name = self._split_name
@@ -255,16 +262,26 @@ class HuggingFaceDataset(AudioDataset):
         return splits[0] if splits else None
 
     def _pick(self, loaded: Any, where: str) -> Any:
-        """The chosen split of a ``Dataset`` or ``DatasetDict``."""
+        """The whole chosen split of a ``Dataset`` or ``DatasetDict``; the rows a slice
+        names are kept in ``_rows`` (ids are decided on the whole split)."""
         from datasets import Dataset, DatasetDict
 
         if isinstance(loaded, DatasetDict):
-            return self._sliced(loaded[self._choose(list(loaded), where)])
+            split = loaded[self._choose(list(loaded), where)]
+            self._rows = self._slice_rows(len(split))
+            return split
         if isinstance(loaded, Dataset):
-            own, name = None if loaded.split is None else str(loaded.split), self._split_name
-            if name is not None and own is not None and own != name:
-                raise UserError(f"dataset.split={name!r}: {where} holds split {own!r}")
-            return self._sliced(loaded)
+            own = None if loaded.split is None else str(loaded.split)
+            # A whole split is named by its name (a slice of it taken here); a dataset loaded
+            # as a slice (split="train[:10]") only by that same string.
+            if (
+                self.split is not None
+                and own is not None
+                and own not in (self.split, self._split_name)
+            ):
+                raise UserError(f"dataset.split={self.split!r}: {where} holds split {own!r}")
+            self._rows = None if own == self.split else self._slice_rows(len(loaded))
+            return loaded
         raise UserError(
             f"{where} is a {type(loaded).__name__}; a Dataset or DatasetDict is read (not a "
             "streaming IterableDataset)"
@@ -433,17 +450,16 @@ class HuggingFaceDataset(AudioDataset):
                 raise UserError(f"dataset.id_column={self.id_column!r} has empty values")
             ids = [str(v) for v in raw]
         else:
-            # Row numbers count in the whole split, so a slice's ids are the rows' own.
-            first = self._first_row
-            ids = by_path if unique else [str(first + n) for n in range(len(paths))]  # type: ignore[misc]
+            # Decided on the whole split, so a slice's rows get the ids they have in it.
+            ids = by_path if unique else [str(n) for n in range(len(paths))]  # type: ignore[misc]
         values = split.select_columns(labels).with_format("arrow")[:].to_pydict() if labels else {}
         for c in labels:
             if isinstance(features[c], ClassLabel):
                 names = features[c].names
                 values[c] = [None if v is None or v < 0 else names[v] for v in values[c]]
         items = []
-        for row in range(len(paths)):
-            where = f"{self.path} row {self._first_row + row}"
+        for row in self._rows if self._rows is not None else range(len(paths)):
+            where = f"{self.path} row {row}"
             row_labels = _check_labels(
                 {_output_name(c): _plain(values[c][row]) for c in labels}, where
             )

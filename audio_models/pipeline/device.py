@@ -40,7 +40,10 @@ def gpu_driver_absent() -> str | None:
     return None
 
 
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+# No "bf16-true"/"16-true": Lightning would cast the batch's waveforms to half precision (an
+# 8-bit mantissa for bf16) before any extractor's fp32 front end saw them, and the models'
+# weights with them; the mixed precisions keep both in fp32 and autocast the matmuls.
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class DeviceSpec:
         if str(self.precision) not in PRECISIONS:
             raise ValueError(
                 f"device.precision must be one of {PRECISIONS}, got {self.precision!r}"
+                + (" (use bf16-mixed or 16-mixed)" if str(self.precision).endswith("-true") else "")
             )
 
     @property

@@ -184,10 +184,9 @@ class SileroVadExtractor(Extractor):
             if max_speech_s is None
             else round(max_speech_s * SAMPLE_RATE) - WINDOW - 2 * self.pad
         )
+        # Located here, so a missing package is an error before any work; hashed by load().
         self.path = model_path()
-        # Hashed here (1.2 MB): describing the extractor names the exact weights, and a
-        # missing file is an error before any work.
-        self._sha256 = sha256_file(self.path)
+        self._sha256: str | None = None
         self._session: Any = None
         self._session_pid = os.getpid()
 
@@ -199,12 +198,19 @@ class SileroVadExtractor(Extractor):
     def side_tables(self) -> dict[str, pa.Schema]:
         return {"segments": SEGMENT_SCHEMA}
 
+    def load(self) -> None:
+        # The session itself is built per process on first use (see _model); the hash names
+        # the exact weights in the provenance.
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+
     def provenance(self) -> dict[str, str]:
         import onnxruntime  # its version, whichever distribution (-gpu, say) installed it
 
+        self.load()
         return {
             "vad.model": self.path.name,
-            "vad.model_sha256": self._sha256,
+            "vad.model_sha256": str(self._sha256),
             "faster_whisper.version": importlib.metadata.version("faster-whisper"),
             "onnxruntime.version": onnxruntime.__version__,
         }

@@ -188,6 +188,11 @@ def _items_source(rows: Iterable[tuple[Any, Any, Any, dict[str, Any]]]) -> _Sour
 def _source(source: Any) -> _Source:
     import sys
 
+    from audio_models.data.datasets import AudioDataset
+
+    if isinstance(source, AudioDataset):  # a dataset object with its options set
+        return _Source(items=source.items)
+
     # A Database object means audformat is imported already: no import for other sources.
     audformat = sys.modules.get("audformat")
     if audformat is not None and isinstance(source, audformat.Database):
@@ -321,7 +326,10 @@ def extract(
             their columns as labels, as ``dataset=audformat`` reads them; results come back
             on the database's ``(file, start, end)``); or a Hugging Face ``datasets.Dataset``
             (or a one-split ``DatasetDict``) with an ``audio`` column, read as
-            ``dataset=huggingface`` reads a split (embedded audio decoded from its bytes).
+            ``dataset=huggingface`` reads a split (embedded audio decoded from its bytes; ids
+            its audio paths, else row numbers counted from its first row); or any dataset
+            object of :mod:`audio_models.data` with its options set
+            (``HuggingFaceDataset.from_dataset(ds, split="test[:100]", id_column="uid")``).
         extractor: one of :func:`extractors`.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
         output_dir: keep the outputs there (Parquet files as the CLI writes them; a rerun

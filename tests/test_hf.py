@@ -139,6 +139,41 @@ def test_a_dataset_loaded_as_a_slice_is_named_by_that_string(tmp_path: Path) -> 
         _ = HuggingFaceDataset.from_dataset(sliced, split="train").items
 
 
+def test_a_dataset_loaded_from_a_row_numbers_its_rows_from_there(tmp_path: Path) -> None:
+    """load_dataset(split="train[3:]") numbers its rows as the same slice of the whole
+    split does, so two such subsets never share a row-number id in one output_dir."""
+    files = _corpus(tmp_path / "corpus")
+    mapping = _dataset(files * 3).to_dict()  # paths repeated, in the slice too: row numbers
+    rows = {column: values[3:] for column, values in mapping.items()}
+    tail = Dataset.from_dict(rows, features=FEATURES, split="train[3:]")  # as loaded
+    whole = Dataset.from_dict(mapping, features=FEATURES, split="train")
+    expected = [str(n) for n in range(3, 9)]
+    assert [i.id for i in HuggingFaceDataset.from_dataset(tail).items] == expected
+    configured = HuggingFaceDataset.from_dataset(whole, split="train[3:]").items
+    assert [i.id for i in configured] == expected
+
+
+def test_an_empty_id_outside_the_slice_is_not_an_error(tmp_path: Path) -> None:
+    files = _corpus(tmp_path / "corpus")
+    ds = _dataset(files).add_column("uid", [None, "u1", "u2"])
+    items = HuggingFaceDataset.from_dataset(ds, split="train[1:]", id_column="uid").items
+    assert [i.id for i in items] == ["u1", "u2"]
+    with pytest.raises(UserError, match="id_column='uid' has empty values"):
+        _ = HuggingFaceDataset.from_dataset(ds, id_column="uid").items
+
+
+def test_am_extract_takes_a_configured_dataset_object(tmp_path: Path) -> None:
+    files = _corpus(tmp_path / "corpus")
+    ds = _dataset(files)
+    both = DatasetDict({"test": ds, "train": ds.select([0])})
+    with pytest.raises(UserError, match=r"pass one of them \(dataset\['test'\]\)"):
+        am.extract(both, "mfcc", num_workers=0)
+    chosen = HuggingFaceDataset.from_dataset(both, split="test[1:]")
+    result = am.extract(chosen, "mfcc", num_workers=0)
+    names = {Path(f).name for f in result.index.get_level_values("file")}
+    assert names == {"b.flac", "c.ogg"}
+
+
 def test_audiofolder_rows_are_files_with_folder_ids(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     _corpus(corpus / "angry")
@@ -175,6 +210,7 @@ def test_audiofolder_rows_are_files_with_folder_ids(tmp_path: Path) -> None:
         ({"path": "{saved}", "split": "dev[:2]"}, r"split='dev' is not a split .*\['test'"),
         ({"path": "{saved}", "split": "test[5:2]"}, r"'test\[5:2\]' selects none of the 3 rows"),
         ({"path": "{saved}", "split": "test[:120%]"}, "Percent slice boundaries must be"),
+        ({"path": "{saved}", "split": "test[+1:]"}, r"Unrecognized instruction format: test\["),
     ],
 )
 def test_mistakes_are_one_line(tmp_path: Path, options: dict, message: str) -> None:

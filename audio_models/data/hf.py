@@ -154,6 +154,9 @@ class HuggingFaceDataset(AudioDataset):
         self.split = None if split is None else str(split).strip()
         self._split_name, self._slice = self._parse_split(self.split)
         self._rows: range | None = None  # the slice's rows of the opened split (None: all)
+        # Row number of the given rows' first row in their split: a Dataset loaded as
+        # "train[200:]" numbers its rows from 200, as the same slice of the whole split does.
+        self._row_offset = 0
         self.audio_column = audio_column
         self.id_column = id_column
         self.wanted_labels = list(label_columns) if label_columns is not None else None
@@ -216,7 +219,7 @@ class HuggingFaceDataset(AudioDataset):
         """
         if split is None:
             return None, None
-        if "+" in split:
+        if "+" in re.sub(r"\[[^\]]*\]", "", split):  # not a sign inside a slice
             raise UserError(
                 f"dataset.split={split!r}: one split per run (row ids would collide across "
                 "joined splits); a sweep over dataset.split runs each"
@@ -233,7 +236,8 @@ class HuggingFaceDataset(AudioDataset):
             try:  # its syntax, rounding and percentages, before anything is prepared
                 ReadInstruction.from_spec(f"rows{match['rows']}")
             except (ValueError, AssertionError) as exc:
-                raise UserError(f"dataset.split={split!r}: {exc}") from None
+                said = str(exc).replace("rows[", f"{match['name'].strip()}[")
+                raise UserError(f"dataset.split={split!r}: {said}") from None
         return match["name"].strip(), match["rows"]
 
     def _slice_rows(self, n_rows: int) -> range | None:
@@ -258,7 +262,13 @@ class HuggingFaceDataset(AudioDataset):
                 raise UserError(f"dataset.split={name!r} is not a split of {where}: {splits}")
             return name
         if len(splits) > 1:
-            raise UserError(f"{where} has splits {splits}: choose one with dataset.split=<name>")
+            how = (
+                "pass one of them (dataset['test']), or HuggingFaceDataset.from_dataset(dataset, "
+                "split='test')"
+                if self._given is not None
+                else "choose one with dataset.split=<name>"
+            )
+            raise UserError(f"{where} has splits {splits}: {how}")
         return splits[0] if splits else None
 
     def _pick(self, loaded: Any, where: str) -> Any:
@@ -281,6 +291,8 @@ class HuggingFaceDataset(AudioDataset):
             ):
                 raise UserError(f"dataset.split={self.split!r}: {where} holds split {own!r}")
             self._rows = None if own == self.split else self._slice_rows(len(loaded))
+            start = re.fullmatch(r"[^\[]*\[\s*(\d+)\s*:.*", own or "")
+            self._row_offset = int(start[1]) if start else 0  # unknown for 10%: or -5:
             return loaded
         raise UserError(
             f"{where} is a {type(loaded).__name__}; a Dataset or DatasetDict is read (not a "
@@ -446,12 +458,13 @@ class HuggingFaceDataset(AudioDataset):
         if self.id_column is not None:
             given = split.select_columns([self.id_column]).with_format("arrow")[:]
             raw = given.column(self.id_column).to_pylist()
-            if any(v is None for v in raw):
+            if any(raw[row] is None for row in self._rows or range(len(raw))):
                 raise UserError(f"dataset.id_column={self.id_column!r} has empty values")
-            ids = [str(v) for v in raw]
+            ids = [str(v) for v in raw]  # (an empty one outside the slice stays unused)
         else:
             # Decided on the whole split, so a slice's rows get the ids they have in it.
-            ids = by_path if unique else [str(n) for n in range(len(paths))]  # type: ignore[misc]
+            first = self._row_offset
+            ids = by_path if unique else [str(first + n) for n in range(len(paths))]  # type: ignore[misc]
         values = split.select_columns(labels).with_format("arrow")[:].to_pydict() if labels else {}
         for c in labels:
             if isinstance(features[c], ClassLabel):
@@ -459,7 +472,7 @@ class HuggingFaceDataset(AudioDataset):
                 values[c] = [None if v is None or v < 0 else names[v] for v in values[c]]
         items = []
         for row in self._rows if self._rows is not None else range(len(paths)):
-            where = f"{self.path} row {row}"
+            where = f"{self.path} row {self._row_offset + row}"
             row_labels = _check_labels(
                 {_output_name(c): _plain(values[c][row]) for c in labels}, where
             )

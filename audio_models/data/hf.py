@@ -104,6 +104,26 @@ def _output_name(column: str) -> str:
     return TRANSCRIPT if column == _TEXT else column
 
 
+def _slice_of(split: str, name: str, rows: str, n_rows: int | None) -> range:
+    """The rows ``rows`` (``[:100]``, ``[10%:20%]``) names in a split of ``n_rows``, read by
+    ``datasets.ReadInstruction``; with ``n_rows=None`` only its syntax is checked.
+
+    Raises:
+        UserError: what ``datasets`` says of it, naming ``split``.
+    """
+    from datasets import ReadInstruction
+
+    try:  # "rows" stands for the split's name, which datasets' grammar may not take
+        instruction = ReadInstruction.from_spec(f"rows{rows}")
+        if n_rows is None:
+            return range(0)
+        (part,) = instruction.to_absolute({"rows": n_rows})
+    except (ValueError, AssertionError) as exc:
+        said = str(exc).replace("rows[", f"{name}[")
+        raise UserError(f"dataset.split={split!r}: {said}") from None
+    return range(part.from_, part.to)
+
+
 class HuggingFaceDataset(AudioDataset):
     """One split of a Hugging Face dataset on this machine.
 
@@ -230,30 +250,21 @@ class HuggingFaceDataset(AudioDataset):
                 f"dataset.split={split!r} is not a split name with an optional slice such as "
                 "test[:100] or train[10%:20%]"
             )
-        if match["rows"] is not None:
-            from datasets import ReadInstruction
-
-            try:  # its syntax, rounding and percentages, before anything is prepared
-                ReadInstruction.from_spec(f"rows{match['rows']}")
-            except (ValueError, AssertionError) as exc:
-                said = str(exc).replace("rows[", f"{match['name'].strip()}[")
-                raise UserError(f"dataset.split={split!r}: {said}") from None
-        return match["name"].strip(), match["rows"]
+        name = match["name"].strip()
+        if match["rows"] is not None:  # its syntax, rounding and percentages, before any work
+            _slice_of(split, name, match["rows"], None)
+        return name, match["rows"]
 
     def _slice_rows(self, n_rows: int) -> range | None:
         """The rows of an ``n_rows`` split that ``dataset.split``'s slice names, counted by
         ``datasets`` itself (``None``: no slice)."""
         if self._slice is None:
             return None
-        from datasets import ReadInstruction
-
-        try:
-            (part,) = ReadInstruction.from_spec(f"rows{self._slice}").to_absolute({"rows": n_rows})
-        except (ValueError, AssertionError) as exc:
-            raise UserError(f"dataset.split={self.split!r}: {exc}") from None
-        if part.to <= part.from_:
+        assert self.split is not None and self._split_name is not None
+        part = _slice_of(self.split, self._split_name, self._slice, n_rows)
+        if part.stop <= part.start:
             raise UserError(f"dataset.split={self.split!r} selects none of the {n_rows} rows")
-        return range(part.from_, part.to)
+        return part
 
     def _choose(self, splits: list[str], where: str) -> str | None:
         name = self._split_name
